@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter on CPU tensors. This must be set before any
+# @triton.jit function is created, i.e. before gsa_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SIGMAS = [0.002, 0.01, 0.1, 1.0, 10.0, 80.0]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty and friends fill new memory with NaN, so an output element a kernel forgets to
+    write shows up as NaN in the result."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old_det)
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
