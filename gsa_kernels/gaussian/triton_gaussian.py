@@ -148,3 +148,23 @@ def gaussian_map(map_id: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch
         MAP=map_id, FULL_RANK=full_rank, ADD_MEAN=map_id != SCORE, PRECISION=precision,
         BLOCK_B=bb, BLOCK_D=64, BLOCK_R=32)
     return out
+
+
+def aot_cases():
+    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): every map
+    and rank case in float32/ieee at both tile shapes, and every storage type x precision for teleport."""
+    scalars = {"B": "i32", "D": "i32", "R": "i32"}
+    combos = [(m, "*fp32", "ieee", b) for m in (PROJECT, DENOISE, SCORE, TELEPORT) for b in (1, 256)]
+    combos += [(TELEPORT, t, p, 256) for t in ("*fp16", "*bf16") for p in ("ieee",)]
+    combos += [(TELEPORT, "*fp32", p, 256) for p in ("tf32x3", "tf32")]
+    for map_id, x_type, precision, batch in combos:
+        bb, br, bd = _blocks(batch)
+        ptrs = dict.fromkeys(["mean_ptr", "basis_ptr", "eig_ptr", "lam_perp_ptr", "sa_ptr", "sb_ptr", "g_ptr"], "*fp32")
+        yield _project_scale_kernel, {**ptrs, "x_ptr": x_type, **scalars, "MAP": map_id, "FULL_RANK": map_id == PROJECT,
+                                      "PRECISION": precision, "BLOCK_B": bb, "BLOCK_R": br, "BLOCK_D": bd}
+        if map_id == PROJECT:
+            continue
+        ptrs = dict.fromkeys(["mean_ptr", "basis_ptr", "g_ptr", "lam_perp_ptr", "sa_ptr", "sb_ptr"], "*fp32")
+        yield _reconstruct_kernel, {**ptrs, "x_ptr": x_type, "out_ptr": x_type, **scalars, "MAP": map_id,
+                                    "FULL_RANK": batch == 1, "ADD_MEAN": map_id != SCORE,
+                                    "PRECISION": precision, "BLOCK_B": bb, "BLOCK_D": 64, "BLOCK_R": 32}
