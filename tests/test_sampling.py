@@ -9,7 +9,8 @@ from torch.overrides import TorchFunctionMode
 import gsa_kernels as gk
 from gsa_kernels.gaussian import reference as gref
 from gsa_kernels.sampling import (METHODS, FlowDenoiser, GaussianFamily, VPDenoiser, choose_sigma_skip,
-                                  evals_per_run, karras_sigmas, linear_alphas_cumprod, sample, sigma_to_timestep,
+                                  evals_per_run, flow_sigmas, flow_ts, frame_to_sigmas, karras_sigmas,
+                                  linear_alphas_cumprod, sample, sigma_to_timestep, sigmas_to_frame,
                                   timestep_to_sigma, vp_sigmas, vp_timesteps)
 from gsa_kernels.sampling import error_table
 from gsa_kernels.sampling.gmm_reference import FullCovGMM
@@ -86,6 +87,25 @@ def test_sigma_timestep_interpolation_matches_diffusers_and_round_trips():
     assert rel_err(timestep_to_sigma(t, abar), sig) < 1e-9
 
 
+def test_flow_schedule_and_frame_conversions():
+    t = flow_ts(8, t_max=1.0, shift=3.0)
+    u = torch.linspace(1, 0, 9, dtype=torch.float64)
+    assert rel_err(t, 3 * u / (1 + 2 * u)) < 1e-14 and t[0] == 1 and t[-1] == 0
+    s = flow_sigmas(8, t_max=0.99, shift=3.0, dtype=torch.float64)
+    tt = flow_ts(8, t_max=0.99, shift=3.0)
+    assert rel_err(s, tt / (1 - tt)) < 1e-14
+    with pytest.raises(ValueError, match="t_max"):
+        flow_sigmas(8, t_max=1.0)
+    sig = torch.tensor([0.002, 0.5, 3.0, 80.0], dtype=torch.float64)
+    for frame in ("ve", "vp", "flow"):
+        assert rel_err(frame_to_sigmas(sigmas_to_frame(sig, frame), frame), sig) < 1e-12
+    abar = sigmas_to_frame(sig, "vp")
+    assert rel_err(abar, 1 / (1 + sig ** 2)) < 1e-15  # x_vp = sqrt(abar) x0 + sqrt(1 - abar) eps
+    assert rel_err(sigmas_to_frame(sig, "flow"), sig / (1 + sig)) < 1e-15
+    with pytest.raises(ValueError, match="frame"):
+        sigmas_to_frame(sig, "edm")
+
+
 # ---------------------------------------------------------------------------------------------
 # Samplers against diffusers' scheduler arithmetic (the same ODE solvers in the VP frame)
 def _run_diffusers_scheduler(sch, n, denoise, noise, **step_kwargs):
@@ -101,10 +121,11 @@ def _run_diffusers_scheduler(sch, n, denoise, noise, **step_kwargs):
         x_ve = x * math.sqrt(1 + s * s)
         x0 = denoise(x_ve, torch.full((x.shape[0],), s, dtype=x.dtype))
         x = sch.step((x_ve - x0) / s, t, x, **step_kwargs).prev_sample
-    return x
+    s_end = float(sch.sigmas[-1]) if getattr(sch, "sigmas", None) is not None else 0.0
+    return x * math.sqrt(1 + s_end * s_end)  # back to the VE frame
 
 
-@pytest.mark.parametrize("case", ["ddim", "ddim_eta", "dpmpp_2m", "unipc2", "unipc3"])
+@pytest.mark.parametrize("case", ["ddim", "ddim_eta", "dpmpp_2m", "unipc2", "unipc3", "unipc3_bh1"])
 def test_samplers_match_diffusers_schedulers(case):
     diffusers = pytest.importorskip("diffusers")
     model = _gaussian()
@@ -119,8 +140,11 @@ def test_samplers_match_diffusers_schedulers(case):
     elif case == "dpmpp_2m":
         sch, method = diffusers.DPMSolverMultistepScheduler(solver_order=2), "dpmpp_2m"
     else:
-        order = int(case[-1])
-        sch, method, opts = diffusers.UniPCMultistepScheduler(solver_order=order), "unipc", {"order": order}
+        order, kind = int(case[5]), ("bh1" if case.endswith("bh1") else "bh2")
+        # (diffusers' bh1 turns the final step to sigma = 0 into NaN (B(h) = -inf times 0): end at sigma_min there)
+        sch = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type=kind,
+                                                final_sigmas_type="sigma_min" if kind == "bh1" else "zero")
+        method, opts = "unipc", {"order": order, "solver_type": kind}
     for n in (6, 11):
         ref = _run_diffusers_scheduler(sch, n, denoise, noise, **step_kwargs)
         if getattr(sch, "sigmas", None) is not None:
@@ -306,6 +330,23 @@ def test_choose_sigma_skip():
     assert ev[0] > 0.9999 and ev[-1] < 0.9  # the Gaussian explains the mixture at high noise only
     with pytest.raises(ValueError, match="tol"):
         choose_sigma_skip(g, gmm, data, tol=1.5)
+
+
+def test_choose_sigma_skip_with_fitted_package_models():
+    """The intended workflow: Gaussian and GMM fitted to the same data; the choice feeds sample()."""
+    gmm = FullCovGMM.random(dim=6, n_components=3, seed=1)
+    data = gmm.sample(1500, torch.Generator().manual_seed(0)).float()
+    g = gk.GaussianModel.fit(data)
+    grid = torch.logspace(math.log10(80), math.log10(0.05), 24, dtype=torch.float64)
+    exact = choose_sigma_skip(gmm.gaussian(), gmm, data, sigmas=grid, generator=torch.Generator().manual_seed(1))
+    fitted = choose_sigma_skip(g, gk.GMM.fit(data, 3, rank=6), data, sigmas=grid,
+                               generator=torch.Generator().manual_seed(1))
+    ratio = float(grid[0] / grid[1])
+    assert exact.sigma_skip / ratio <= fitted.sigma_skip <= exact.sigma_skip * ratio  # within one grid step
+    sig = karras_sigmas(18)
+    res = sample(gk.GMM.fit(data, 3, rank=6), torch.randn(8, 6), sig, method="unipc", gaussian=g, sigma_skip=fitted)
+    k = sum(1 for v in sig.tolist() if v >= fitted.sigma_skip) - 1
+    assert res.n_evals == 18 - k and 0 < k < 18 and res.sigma_start >= fitted.sigma_skip
 
 
 # ---------------------------------------------------------------------------------------------
