@@ -31,14 +31,19 @@ class GaussianModel(nn.Module):
         if eigvals.shape[0] != r:
             raise ValueError(f"eigvals must have shape [r] = [{r}], got {tuple(eigvals.shape)}")
         lam_perp = torch.as_tensor(lam_perp, dtype=mean.dtype, device=mean.device).reshape(())
-        check_finite("mean", mean)
-        check_finite("basis", basis)
-        check_nonneg("eigvals", eigvals)
-        check_nonneg("lam_perp", lam_perp)
         self.register_buffer("mean", mean.contiguous())
         self.register_buffer("basis", basis.contiguous())
         self.register_buffer("eigvals", eigvals.to(mean.dtype).contiguous())
         self.register_buffer("lam_perp", lam_perp.to(mean.dtype))
+        self._check_values()
+        # Parameters are checked here and after load_state_dict, not on every call.
+        self.register_load_state_dict_post_hook(lambda module, keys: module._check_values())
+
+    def _check_values(self):
+        check_finite("mean", self.mean)
+        check_finite("basis", self.basis)
+        check_nonneg("eigvals", self.eigvals)
+        check_nonneg("lam_perp", self.lam_perp)
 
     @property
     def dim(self) -> int:
@@ -61,15 +66,15 @@ class GaussianModel(nn.Module):
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """Optimal denoiser E[x0 | x] at noise level sigma."""
-        return ops.gaussian_denoise(x, *self._args(), sigma)
+        return ops.gaussian_denoise(x, *self._args(), sigma, check_values=False)
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """grad_x log p_sigma(x)."""
-        return ops.gaussian_score(x, *self._args(), sigma)
+        return ops.gaussian_score(x, *self._args(), sigma, check_values=False)
 
     def teleport(self, x: torch.Tensor, sigma_from, sigma_to) -> torch.Tensor:
         """Exact PF-ODE solution of the Gaussian from sigma_from to sigma_to (VE frame)."""
-        return ops.teleport(x, *self._args(), sigma_from, sigma_to)
+        return ops.teleport(x, *self._args(), sigma_from, sigma_to, check_values=False)
 
     def teleport_frame(self, x: torch.Tensor, frm, to, frame: str = "vp") -> torch.Tensor:
         """Teleport a sample given in another frame (MATH.md section 1): `frm`/`to` are alpha_bar for

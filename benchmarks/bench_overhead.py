@@ -1,0 +1,153 @@
+"""Per-call overhead at B = 1, d = 3072 (full rank): what a sampler pays per call when the kernel itself
+is tiny. GPU only in the default run (on a CPU the host time *is* the op time); `--ops overhead` runs it
+on the CPU too, without the CUDA-graph rows.
+
+Rows: host time per call (the loop issues calls without synchronising, so on CUDA this is the launch
+cost the host pays) and latency per call (synchronised after every call), for the Python API with
+validation on and off, with a float sigma, the raw torch.ops.gsa call and the eager reference; on CUDA,
+one CUDA-graph replay of the op: host time per replay, device time per replay, and whether the
+replayed output matches the eager call.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .bench_gaussian import GaussianParams
+from .common import RunOptions, sync, time_call
+
+FAMILY = "overhead"
+OPS = ("overhead",)
+DIM = {"tiny": 192, "quick": 3072, "full": 3072}
+
+
+def available() -> str | None:
+    return None
+
+
+def _row(d, backend, kind, **values) -> dict:
+    row = {"family": FAMILY, "op": "denoise", "config": {"d": d, "r": d}, "config_str": f"d={d} r={d}",
+           "batch": 1, "backend": backend, "kind": kind, "precision": "ieee", "status": "ok", "reason": None,
+           "host_s": None, "median_s": None, "graph_s": None, "note": None}
+    row.update(values)
+    return row
+
+
+def _host_and_latency(fn, device, calls, blocks=10):
+    """(host seconds per call: median over blocks of unsynchronised calls; latency: median of
+    synchronised calls)."""
+    for _ in range(10):
+        fn()
+    sync(device)
+    per_block = max(1, calls // blocks)
+    host_blocks = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        host_blocks.append((time.perf_counter() - start) / per_block)
+        sync(device)  # keep the launch queue from filling up between blocks
+    host = statistics.median(host_blocks)
+    latencies = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        latencies.append(time.perf_counter() - start)
+    return host, statistics.median(latencies)
+
+
+def run(opts: RunOptions, ops=OPS) -> list[dict]:
+    from gsa_kernels import GaussianModel, config
+    from gsa_kernels.gaussian import reference
+
+    device = opts.device
+    d = DIM[opts.shape_set]
+    calls = 20 if opts.shape_set == "tiny" else 200
+    params = GaussianParams(d, d, device, opts.seed)
+    model = GaussianModel(*params.args)
+    x = params.mean + torch.randn(1, d, device=device, generator=params.gen)
+    sigma = opts.sigma
+    sigma_t = torch.full((1,), sigma, device=device)
+    variants = [
+        ("api, validation on", "gsa", True, lambda: model.denoise(x, sigma_t)),
+        ("api, validation off", "gsa", False, lambda: model.denoise(x, sigma_t)),
+        ("api, float sigma", "gsa", False, lambda: model.denoise(x, sigma)),
+        ("torch.ops.gsa", "gsa", False, lambda: torch.ops.gsa.gaussian_denoise(x, *params.args, sigma_t)),
+        ("eager reference", "eager", False, lambda: reference.gaussian_denoise(x, *params.args, sigma_t)),
+    ]
+    rows = []
+    was_validating = config.validation_enabled()
+    try:
+        for name, kind, validate, fn in variants:
+            config.set_validation(validate)
+            host, latency = _host_and_latency(fn, device, calls)
+            rows.append(_row(d, name, kind, host_s=host, median_s=latency))
+    finally:
+        config.set_validation(was_validating)
+    if device.type == "cuda":
+        rows.append(_graph_row(d, params, x, sigma_t, calls, opts.min_time))
+    else:
+        rows.append(_row(d, "cuda graph replay", "gsa", status="skipped", reason="CUDA graphs need a GPU"))
+    return rows
+
+
+def _graph_row(d, params, x, sigma_t, calls, min_time) -> dict:
+    """Capture one torch.ops.gsa.gaussian_denoise call in a CUDA graph and time its replays."""
+    def call():
+        return torch.ops.gsa.gaussian_denoise(x, *params.args, sigma_t)
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        max_diff = float((out - call()).abs().max())
+        host, _ = _host_and_latency(graph.replay, torch.device("cuda"), calls)
+        device_time = time_call(graph.replay, torch.device("cuda"), min_time).median_s
+    except Exception as exc:
+        torch.cuda.synchronize()
+        return _row(d, "cuda graph replay", "gsa", status="error",
+                    reason=f"not capturable: {type(exc).__name__}: {exc}"[:300])
+    return _row(d, "cuda graph replay", "gsa", host_s=host, graph_s=device_time,
+                note=f"replay matches eager call: max |diff| = {max_diff:.2e}")
+
+
+def print_rows(rows) -> None:
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"  {r['backend']:<22} {r['status']}: {r['reason']}", flush=True)
+            continue
+        parts = [f"  {r['backend']:<22}"]
+        if r["host_s"] is not None:
+            parts.append(f"host {r['host_s'] * 1e6:8.1f} us/call")
+        if r["median_s"] is not None:
+            parts.append(f"latency {r['median_s'] * 1e6:8.1f} us/call")
+        if r["graph_s"] is not None:
+            parts.append(f"device {r['graph_s'] * 1e6:8.1f} us/replay")
+        if r["note"]:
+            parts.append(r["note"])
+        print("  ".join(parts), flush=True)
+
+
+def markdown_table(rows) -> list[str]:
+    lines = ["| variant (B = 1) | host time per call | latency per call (synchronised) "
+             "| device time per graph replay | note |",
+             "|---|---|---|---|---|"]
+
+    def us(v):
+        return "-" if v is None else f"{v * 1e6:.1f} us"
+
+    for r in rows:
+        note = r["note"] or (f"{r['status']}: {r['reason']}" if r["status"] != "ok" else "")
+        lines.append(f"| {r['backend']} ({r['config_str']}) | {us(r['host_s'])} | {us(r['median_s'])} | "
+                     f"{us(r['graph_s'])} | {note} |")
+    return lines
