@@ -9,4 +9,12 @@ TORCH_LIBRARY(gsa, m) {
   m.def("gaussian_denoise(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma) -> Tensor");
   m.def("gaussian_score(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma) -> Tensor");
   m.def("teleport(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma_from, Tensor sigma_to) -> Tensor");
+  // Mixtures (MATH.md 3): components log_weights [K] (as given, unnormalized), means/points [K, d],
+  // optional bases [K, d, r] + eigvals [K, r] (None: r = 0) and lam_perp [K] (None: 0). Returns
+  // (denoiser, or score if score=True, shaped like x; log_z [B] = logsumexp_i(log_weights_i + log N_i);
+  // posterior weights [B, K] if return_weights else an empty tensor). center [d] is the reference
+  // point of the centred distance expansion (None: the mean of the means). chunk_size: components per
+  // CPU chunk (0: automatic); GPU kernels pick their own tiles.
+  m.def("gmm_forward(Tensor x, Tensor log_weights, Tensor means, Tensor? bases, Tensor? eigvals, Tensor? lam_perp, Tensor sigma, Tensor? center=None, bool score=False, bool return_weights=False, int chunk_size=0) -> (Tensor, Tensor, Tensor)");
+  m.def("delta_mixture_forward(Tensor x, Tensor points, Tensor? log_weights, Tensor sigma, Tensor? center=None, bool score=False, int chunk_size=0) -> (Tensor, Tensor)");
 }

@@ -23,6 +23,8 @@ def compile_case(kernel, args: dict, arch: int = 90):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    args = dict(args)
+    options = {"num_warps": args.pop("num_warps")} if "num_warps" in args else {}
     names = [p.name for p in kernel.params]
     constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
     missing = set(names) - set(args)
@@ -31,7 +33,7 @@ def compile_case(kernel, args: dict, arch: int = 90):
     signature = {n: ("constexpr" if n in constexpr_names else args[n]) for n in names}
     constexprs = {n: args[n] for n in names if n in constexpr_names}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", arch, 32))
+                          target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def main(argv=None) -> int:
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
             compiled = compile_case(kernel, args, opts.arch)
             results.append({"kernel": kernel.__name__, "module": mod_name, "shared_bytes": compiled.metadata.shared,
                             "num_warps": compiled.metadata.num_warps,
-                            "constexprs": {k: v for k, v in args.items() if not str(v).startswith(("*", "i32", "fp32"))}})
+                            "constexprs": {k: str(v) for k, v in args.items() if not str(v).startswith(("*", "i32"))}})
     print(json.dumps(results))
     return 0
 

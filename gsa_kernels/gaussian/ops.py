@@ -81,7 +81,6 @@ def _sigma_vector(sigma, batch, dtype):
     return sigma.to(dtype).reshape(-1).expand(batch).contiguous()
 
 
-@torch.library.register_kernel("gsa::project", "cuda")
 def _project_cuda(x, mean, basis):
     _, d, r = _check_meta(x, mean, basis)
     x2 = x.reshape(x.shape[0], d)
@@ -91,6 +90,9 @@ def _project_cuda(x, mean, basis):
     c = triton_gaussian.project(x2.contiguous(), mean.float().contiguous(), basis.float().contiguous(),
                                 config.get_precision())
     return c.to(x.dtype)
+
+
+torch.library.register_kernel("gsa::project", "cuda", _project_cuda)
 
 
 def _make_map_cuda(op_name):

@@ -1,0 +1,464 @@
+"""Triton kernels of the mixture ops (MATH.md section 3): streaming log-sum-exp over points/components.
+
+Two kernels, both "split-K over components + online softmax" (flash-decoding style):
+
+* ``_delta_partial_kernel`` (training set, N up to millions). A program owns a tile of BLOCK_B query rows
+  and a contiguous range of points (its split). For each chunk of BLOCK_N points it
+    1. loops over d in BLOCK_D slices and accumulates dots = (x - ctr)(x_i - ctr)^T with ``tl.dot``
+       (input_precision = ieee / tf32x3 / tf32) and the point norms ||x_i - ctr||^2,
+    2. forms logits log pi_i - ||x - x_i||^2 / (2 sigma^2) by the centred expansion, updates the running
+       max m and the rescaled sum l (online softmax; p = exp(logit - m)),
+    3. loops over d again and updates acc[BLOCK_B, d] = alpha acc + p (x_i - ctr) with a second ``tl.dot``.
+  Why this design: d is large (3072 at CIFAR size), so acc[BLOCK_B, d] cannot live in registers as in
+  flash attention (head dim <= 256). It lives in a float32 workspace [S, B, d] in global memory and is
+  read-modified-written once per chunk (2 BLOCK_B d floats per BLOCK_N points: about twice the point
+  traffic at 64 x 64 tiles, largely from L2), with a barrier per chunk because the tiles may be reloaded
+  by other threads. The alternatives cost more: a two-pass softmax (pass 1: row max/sum; pass 2: weighted
+  sum) recomputes the dots (3 B N d multiply-adds instead of 2) and a grid over d-slices of acc
+  recomputes the dots once per slice; storing the logits [B, N] breaks the memory bound. Logits are never
+  stored. The points are read once per row tile; splitting them over S programs per row tile keeps the GPU
+  busy for small B, and a small PyTorch epilogue merges the S partial states exactly
+  (M = max_s m_s, W = sum_s l_s e^{m_s - M}, acc = sum_s e^{m_s - M} acc_s). Extra memory:
+  S B d + 2 S B floats, with S <= ~2 programs per SM and S B d <= 2^25 (128 MiB).
+
+* ``_gmm_partial_kernel`` (GMM, K components, optional rank-r bases). A program streams over its range of
+  components one at a time: pass 1 computes the exact differences x - mu_k (no distance expansion at all:
+  B d per component, small next to the B d r of c = U_k^T (x - mu_k)), then c in slices of BLOCK_R <= 32
+  modes with ``tl.dot`` (any rank; c goes to a [S, B, r] scratch); pass 2 over d adds
+  p cm_k (mu_k - ctr) + U_k (p g_k c_k) to the workspace accumulator and p cx_k to a per-row sum, with
+  the coefficients of D_k - ctr (or of the score term) rearranged so that none is a difference of
+  nearly equal numbers: the denoiser is never formed as x + (D - x) (cancels at large sigma), nor the
+  score as (D - x) / sigma^2 (cancels at small sigma). Optionally the logits are stored [B, K] for the
+  posterior weights.
+
+Numerics (MATH.md 3.1): x and the points are centred on ``ctr`` (the mean of the points) inside the
+operand loads, so the expansion loses eps (||x - ctr||^2 + ||x_i - ctr||^2) rather than
+eps (||x||^2 + ||x_i||^2) before the division by 2 sigma^2; the score's differences mu_i - x are
+formed as (mu_i - ctr) - (x - ctr), so their cancellation is relative to the spread of the data,
+not to ||x||. Quadratic forms are clamped to 1e37 and sigma^2 to [FLT_MIN, FLT_MAX], and the online
+update guards the all -inf state, so finite input never yields inf/NaN. The accumulation dtype ACC is
+float32 (any storage type of x/points; half points halve the traffic) or float64 (float64 inputs;
+``tl.dot`` then runs in float64, "ieee").
+
+Everything here also runs under TRITON_INTERPRET=1 on CPU tensors (CI); the interpreter ignores
+input_precision, so TF32 errors are only seen on a GPU. tests/test_mixture_compile.py compiles the
+launch configurations for sm_90 without a GPU (no register spills at the chosen tiles).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2PI = math.log(2 * math.pi)
+FLT_MIN = torch.finfo(torch.float32).tiny
+FLT_MAX = torch.finfo(torch.float32).max
+WORKSPACE_ELEMENTS = 1 << 25
+# Constants visible inside the kernels (compiled Triton only reads constexpr globals).
+QUAD_MAX = tl.constexpr(1e37)  # quadratic forms beyond this only tie with each other
+VAR_MIN = tl.constexpr(FLT_MIN)
+VAR_MAX = tl.constexpr(FLT_MAX)
+
+
+@triton.jit
+def _load_centred(ptr, ctr_ptr, idx, idx_ok, d0, D, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """[len(idx), BLOCK_D] tile of rows idx of a row-major [*, D] matrix minus ctr, zero outside."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    mask = idx_ok[:, None] & d_ok[None, :]
+    v = tl.load(ptr + idx.to(tl.int64)[:, None] * D + dd[None, :], mask=mask, other=0.0).to(ACC)
+    c = tl.load(ctr_ptr + dd, mask=d_ok, other=0.0).to(ACC)
+    return tl.where(mask, v - c[None, :], 0.0)
+
+
+@triton.jit
+def _log1p(z):
+    """log(1 + z) for z >= 0 without losing z < eps (Kahan: log(u) z / (u - 1) with u = 1 + z)."""
+    u = 1.0 + z
+    exact = u == 1.0
+    return tl.where(exact, z, tl.log(u) * (z / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _online_update(m_run, logit):
+    """One step of the online softmax: (m_new, alpha = e^{m_run - m_new}, shift) with the all -inf
+    state kept NaN-free (shift = 0 there, so alpha = e^{-inf} = 0 and p = e^{-inf} = 0)."""
+    m_new = tl.maximum(m_run, logit)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp(m_run - shift), shift
+
+
+@triton.jit
+def _delta_partial_kernel(
+    x_ptr, pts_ptr, lw_ptr, ctr_ptr, s2_ptr, acc_ptr, max_ptr, sum_ptr,
+    B, N, D, n_per_split,
+    HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
+    xnorm = tl.zeros((BLOCK_B,), ACC)
+    for d0 in range(0, D, BLOCK_D):
+        xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
+        xnorm += tl.sum(xt * xt, axis=1)
+
+    n_lo = pid_s * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
+    l_run = tl.zeros((BLOCK_B,), ACC)
+    acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_hi
+        # 1. dots and point norms, centred.
+        dots = tl.zeros((BLOCK_B, BLOCK_N), ACC)
+        pnorm = tl.zeros((BLOCK_N,), ACC)
+        for d0 in range(0, D, BLOCK_D):
+            xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
+            pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
+            dots += tl.dot(xt, tl.trans(pt), input_precision=PRECISION)
+            pnorm += tl.sum(pt * pt, axis=1)
+        # 2. logits and the online softmax.
+        dist2 = tl.maximum(xnorm[:, None] - 2.0 * dots + pnorm[None, :], 0.0)
+        logit = -tl.minimum(dist2 * half_inv_s2[:, None], QUAD_MAX)
+        if HAS_LW:
+            logit += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        logit = tl.where(col_ok[None, :], logit, float("-inf"))
+        m_run, alpha, shift = _online_update(m_run, tl.max(logit, axis=1))
+        p = tl.exp(logit - shift[:, None])
+        l_run = l_run * alpha + tl.sum(p, axis=1)
+        # 3. acc = alpha acc + p (x_i - ctr), one d slice at a time.
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            amask = row_ok[:, None] & (dd < D)[None, :]
+            a_ptrs = acc_base + rows[:, None] * D + dd[None, :]
+            pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
+            acc = tl.load(a_ptrs, mask=amask, other=0.0) * alpha[:, None]
+            acc += tl.dot(p, pt, input_precision=PRECISION)
+            tl.store(a_ptrs, acc, mask=amask)
+        # The next chunk reloads these acc tiles, possibly in another thread layout: order the accesses.
+        tl.debug_barrier()
+    tl.store(max_ptr + pid_s * B + rows, m_run, mask=row_ok)
+    tl.store(sum_ptr + pid_s * B + rows, l_run, mask=row_ok)
+
+
+@triton.jit
+def _gmm_mode_gain(p, cm, lam, lam_perp, v, FULL_RANK: tl.constexpr, SCORE: tl.constexpr):
+    """p g_k per mode: the coefficient of U_k c_k in D_k - ctr (or in the score term), [BLOCK_B, BLOCK_R]."""
+    if FULL_RANK:
+        if SCORE:
+            g = -p[:, None] / v
+        else:
+            g = p[:, None] * lam[None, :] / v
+    else:
+        g = (p * cm)[:, None] * (lam[None, :] - lam_perp) / v
+    return g
+
+
+@triton.jit
+def _gmm_partial_kernel(
+    x_ptr, means_ptr, bases_ptr, eig_ptr, lp_ptr, lw_ptr, ctr_ptr, s2_ptr,
+    acc_ptr, max_ptr, sum_ptr, xsum_ptr, logit_ptr, c_ptr,
+    B, K, D, R, k_per_split,
+    HAS_BASES: tl.constexpr, HAS_LP: tl.constexpr, FULL_RANK: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    SCORE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
+    l_run = tl.zeros((BLOCK_B,), ACC)
+    x_run = tl.zeros((BLOCK_B,), ACC)
+    acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
+    c_base = c_ptr + (pid_s * B).to(tl.int64) * R  # this split's c = U_k^T (x - mu_k) scratch [B, R]
+    for k in range(k_lo, k_hi):
+        k64 = tl.cast(k, tl.int64)
+        base_k = bases_ptr + k64 * D * R
+        # Pass 1a: exact differences x - mu_k and q = ||x - mu_k||^2.
+        q = tl.zeros((BLOCK_B,), ACC)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                         other=0.0).to(ACC)
+            mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
+            xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
+            q += tl.sum(xc * xc, axis=1)
+        # log N_k (MATH.md 3) with clamped variances (s2 is clamped to [FLT_MIN, FLT_MAX] by the launcher);
+        # log det C_k(sigma) is taken relative to sigma^2 I (log1p(lam / s^2)), so the logits stay O(1) at
+        # large sigma; the row constant -d/2 log(2 pi sigma^2) is added in the epilogue.
+        if HAS_LP:
+            lam_perp = tl.load(lp_ptr + k).to(ACC)
+        else:
+            lam_perp = 0.0
+        v_perp = tl.minimum(tl.maximum(lam_perp + s2, VAR_MIN), VAR_MAX)
+        quad = tl.zeros((BLOCK_B,), ACC)
+        logdet = tl.zeros((BLOCK_B,), ACC)
+        proj = tl.zeros((BLOCK_B,), ACC)
+        if HAS_BASES:
+            # Pass 1b: c = U_k^T (x - mu_k) one BLOCK_R slice of modes at a time (any rank r), kept in the
+            # scratch for pass 2.
+            for r0 in range(0, R, BLOCK_R):
+                modes = r0 + tl.arange(0, BLOCK_R)
+                mode_ok = modes < R
+                c = tl.zeros((BLOCK_B, BLOCK_R), ACC)
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = dd < D
+                    xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                                 other=0.0).to(ACC)
+                    mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
+                    xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
+                    ut = tl.load(base_k + dd[:, None] * R + modes[None, :], mask=d_ok[:, None] & mode_ok[None, :],
+                                 other=0.0).to(ACC)
+                    c += tl.dot(xc, ut, input_precision=PRECISION)
+                lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
+                v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
+                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1)
+                logdet += tl.sum(tl.where(mode_ok[None, :], _log1p(tl.minimum(lam[None, :] / s2[:, None], VAR_MAX)),
+                                          0.0), axis=1)
+                proj += tl.sum(c * c, axis=1)
+                tl.store(c_base + rows[:, None] * R + modes[None, :], c, mask=row_ok[:, None] & mode_ok[None, :])
+        if not FULL_RANK:
+            quad += tl.maximum(q - proj, 0.0) / v_perp
+            logdet += (D - R) * _log1p(tl.minimum(lam_perp / s2, VAR_MAX))
+        logit = tl.load(lw_ptr + k).to(ACC) - 0.5 * (tl.minimum(quad, QUAD_MAX) + logdet)
+        if STORE_LOGITS:
+            tl.store(logit_ptr + rows.to(tl.int64) * K + k, logit, mask=row_ok)
+        m_run, alpha, shift = _online_update(m_run, logit)
+        p = tl.exp(logit - shift)
+        l_run = l_run * alpha + p
+        # Component k adds p [cm (mu_k - ctr) + cx (x - ctr) + U_k (g c)] with the coefficients of
+        # D_k - ctr or of the score term, formed without cancellation (vp = lam_perp + s^2, v = lam + s^2):
+        #   denoiser: cm = s^2/vp, cx = lam_perp/vp, g = s^2 (lam - lam_perp)/(v vp)   (1 - a, a, b - a)
+        #   score:    cm = 1/vp,   cx = -1/vp,       g = (lam - lam_perp)/(v vp)         (the same / s^2)
+        #   r = d:    cm = 1 | 0,  cx = 0,           g = lam/v | -1/v                    (no complement)
+        if FULL_RANK:
+            cx = tl.zeros((BLOCK_B,), ACC)
+            if SCORE:
+                cm = cx
+            else:
+                cm = cx + 1.0
+        else:
+            if SCORE:
+                cm = 1.0 / v_perp
+                cx = -cm
+            else:
+                cm = s2 / v_perp
+                cx = lam_perp / v_perp
+        pm = p * cm
+        x_run = x_run * alpha + p * cx
+        if HAS_BASES:
+            tl.debug_barrier()  # the scratch c was written in another thread layout
+        # Pass 2: acc = alpha acc + p cm (mu_k - ctr) + sum over mode slices U_k (p g c).
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            amask = row_ok[:, None] & d_ok[None, :]
+            a_ptrs = acc_base + rows[:, None] * D + dd[None, :]
+            acc = tl.load(a_ptrs, mask=amask, other=0.0) * alpha[:, None]
+            if not (FULL_RANK and SCORE):
+                mu_c = (tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
+                        - tl.load(ctr_ptr + dd, mask=d_ok, other=0.0).to(ACC))
+                acc += pm[:, None] * mu_c[None, :]
+            if HAS_BASES:
+                for r0 in range(0, R, BLOCK_R):
+                    modes = r0 + tl.arange(0, BLOCK_R)
+                    mode_ok = modes < R
+                    c = tl.load(c_base + rows[:, None] * R + modes[None, :], mask=row_ok[:, None] & mode_ok[None, :],
+                                other=0.0)
+                    lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
+                    v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
+                    g = _gmm_mode_gain(p, cm, lam, lam_perp, v, FULL_RANK, SCORE) * c
+                    ut_t = tl.load(base_k + dd[None, :] * R + modes[:, None], mask=mode_ok[:, None] & d_ok[None, :],
+                                   other=0.0).to(ACC)
+                    acc += tl.dot(g.to(ACC), ut_t, input_precision=PRECISION)
+            tl.store(a_ptrs, acc, mask=amask)
+        # The next component reloads these acc tiles (and rewrites the scratch), possibly in other threads.
+        tl.debug_barrier()
+    tl.store(max_ptr + pid_s * B + rows, m_run, mask=row_ok)
+    tl.store(sum_ptr + pid_s * B + rows, l_run, mask=row_ok)
+    tl.store(xsum_ptr + pid_s * B + rows, x_run, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+def _acc_dtype(*ts) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _tl_dtype(dt: torch.dtype):
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+# Tiles and warps keyed by (float32, B > 16): (BLOCK_B, BLOCK_N, BLOCK_D, warps) for the delta kernel,
+# (BLOCK_B, BLOCK_D, warps) for the GMM kernel (whose mode slices are BLOCK_R <= 32 wide). Chosen from
+# ptxas register reports for sm_90 so that no mode spills (float32: ieee, tf32x3, tf32); not yet tuned
+# by timing on a GPU.
+_DELTA_BLOCKS = {(True, True): (64, 64, 16, 8), (True, False): (16, 64, 16, 4),
+                 (False, True): (16, 32, 16, 4), (False, False): (16, 32, 16, 4)}
+_GMM_BLOCKS = {(True, True): (32, 16, 8), (True, False): (16, 32, 8),
+               (False, True): (16, 16, 8), (False, False): (16, 16, 8)}
+_GMM_MAX_BLOCK_R = 32
+
+
+def _num_splits(device: torch.device, row_blocks: int, max_splits: int, batch: int, dim: int) -> int:
+    """Programs along the component axis: enough for ~2 programs per SM, within the workspace cap."""
+    if device.type == "cuda":
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * n_sm, max(row_blocks, 1))
+    else:
+        want = 1
+    cap = max(1, WORKSPACE_ELEMENTS // max(batch * dim, 1))
+    return int(max(1, min(want, max_splits, cap)))
+
+
+def _merge(m, l, acc, x_sum, xr):
+    """Exact merge of S partial states (m_s, l_s, acc_s, x_s) [S, B(, d)]:
+    M = max_s m_s, e_s = e^{m_s - M}, W = sum_s e_s l_s,
+    out = (sum_s e_s acc_s + (sum_s e_s x_s)(x - ctr)) / W   (x_sum None: no x term);
+    returns (out [B, d], M [B] (0 where -inf), 1 / W [B] (0 where W = 0))."""
+    big = m.max(dim=0).values
+    shift = torch.where(torch.isneginf(big), torch.zeros_like(big), big)
+    e = torch.exp(m - shift)                                     # [S, B]; 0 for a split with no weight
+    w = (e * l).sum(0)                                           # [B]
+    num = torch.einsum("sb,sbd->bd", e, acc)
+    if x_sum is not None:
+        num = num + (e * x_sum).sum(0)[:, None] * xr
+    inv_w = torch.where(w > 0, 1.0 / w, torch.zeros_like(w))
+    return num * inv_w[:, None], shift, inv_w
+
+
+def _log_w(shift, inv_w):
+    return shift - torch.log(inv_w)  # log W (-inf where W = 0)
+
+
+def clamped_sigma_sq(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    return (sigma.to(dtype).reshape(-1).expand(batch) ** 2).clamp(FLT_MIN, FLT_MAX).contiguous()
+
+
+def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: torch.Tensor | None,
+                          center: torch.Tensor, sigma: torch.Tensor, score: bool = False,
+                          precision: str = "ieee", splits: int | None = None,
+                          blocks: tuple[int, int, int, int] | None = None):
+    """Delta-mixture denoiser (or score) of x2 [B, d] over points [N, d] (any float storage).
+
+    Returns (out [B, d] in the accumulation dtype, centred frame added back; log_z [B]) with
+    log_z = logsumexp_i(log_weights_i - ||x - x_i||^2 / (2 sigma^2)) - d/2 log(2 pi sigma^2).
+    """
+    acc_dt = _acc_dtype(x2, points, log_weights)
+    x2, points, center = x2.contiguous(), points.contiguous(), center.to(acc_dt).contiguous()
+    B, D = x2.shape
+    N = points.shape[0]
+    s2 = clamped_sigma_sq(sigma, B, acc_dt)
+    if blocks is None:
+        blocks = _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
+    bb, bn, bd, warps = blocks
+    row_blocks = triton.cdiv(B, bb)
+    n_chunks = triton.cdiv(N, bn)
+    S = splits if splits is not None else _num_splits(x2.device, row_blocks, n_chunks, B, D)
+    S = max(1, min(int(S), n_chunks))
+    n_per_split = triton.cdiv(n_chunks, S) * bn
+    S = triton.cdiv(N, n_per_split)
+    acc = torch.zeros((S, B, D), dtype=acc_dt, device=x2.device)
+    m = torch.empty((S, B), dtype=acc_dt, device=x2.device)
+    l = torch.empty((S, B), dtype=acc_dt, device=x2.device)
+    lw = log_weights.to(acc_dt).contiguous() if log_weights is not None else s2
+    prec = precision if acc_dt == torch.float32 else "ieee"
+    if B > 0:
+        _delta_partial_kernel[(row_blocks, S)](
+            x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split,
+            HAS_LW=log_weights is not None, PRECISION=prec, ACC=_tl_dtype(acc_dt),
+            BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+    xr = x2.to(acc_dt) - center
+    # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2).
+    centred, shift, inv_w = _merge(m, l, acc, -l if score else None, xr)
+    out = centred / s2[:, None] if score else centred + center
+    return out, _log_w(shift, inv_w) - 0.5 * D * torch.log(2 * math.pi * s2)
+
+
+def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, bases: torch.Tensor | None,
+                eigvals: torch.Tensor | None, lam_perp: torch.Tensor | None, center: torch.Tensor,
+                sigma: torch.Tensor, score: bool = False, return_weights: bool = False,
+                precision: str = "ieee", splits: int | None = None, blocks: tuple[int, int, int] | None = None,
+                max_block_r: int = _GMM_MAX_BLOCK_R):
+    """GMM denoiser (or score) of x2 [B, d]; returns (out [B, d], log_z [B], weights [B, K] or empty).
+
+    Any rank r: the modes are processed in slices of BLOCK_R <= max_block_r with c = U_k^T (x - mu_k) kept
+    in a [S, B, r] scratch between the two passes over d."""
+    acc_dt = _acc_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
+    x2, means, center = x2.contiguous(), means.contiguous(), center.to(acc_dt).contiguous()
+    B, D = x2.shape
+    K = means.shape[0]
+    R = 0 if bases is None else bases.shape[2]
+    s2 = clamped_sigma_sq(sigma, B, acc_dt)
+    if blocks is None:
+        blocks = _GMM_BLOCKS[(acc_dt == torch.float32, B > 16)]
+    bb, bd, warps = blocks
+    block_r = max(16, min(max_block_r, triton.next_power_of_2(max(R, 1))))
+    row_blocks = triton.cdiv(B, bb)
+    S = splits if splits is not None else _num_splits(x2.device, row_blocks, K, B, D)
+    S = max(1, min(int(S), K))
+    k_per_split = triton.cdiv(K, S)
+    S = triton.cdiv(K, k_per_split)
+    dev = x2.device
+    acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
+    m, l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(3))
+    logits = torch.empty((B, K) if return_weights else (1,), dtype=acc_dt, device=dev)
+    c_scratch = torch.empty((S, B, R) if R > 0 else (1,), dtype=acc_dt, device=dev)
+    has_bases = R > 0
+    bases_c = bases.contiguous() if has_bases else means
+    eig_c = eigvals.to(acc_dt).contiguous() if has_bases else s2
+    lp_c = lam_perp.to(acc_dt).contiguous() if lam_perp is not None else s2
+    prec = precision if acc_dt == torch.float32 else "ieee"
+    if B > 0:
+        _gmm_partial_kernel[(row_blocks, S)](
+            x2, means, bases_c, eig_c, lp_c, log_weights.to(acc_dt).contiguous(), center, s2,
+            acc, m, l, x_sum, logits, c_scratch, B, K, D, R, k_per_split,
+            HAS_BASES=has_bases, HAS_LP=lam_perp is not None, FULL_RANK=R == D, STORE_LOGITS=return_weights,
+            SCORE=score, PRECISION=prec, ACC=_tl_dtype(acc_dt), BLOCK_B=bb, BLOCK_D=bd, BLOCK_R=block_r,
+            num_warps=warps)
+    xr = x2.to(acc_dt) - center
+    centred, shift, inv_w = _merge(m, l, acc, x_sum, xr)
+    out = centred if score else centred + center
+    # exp(logit - M) / W rather than exp(logit - log_z): M is one of the logits (exact difference).
+    weights = torch.exp(logits - shift[:, None]) * inv_w[:, None] if return_weights else logits.new_empty((0,))
+    return out, _log_w(shift, inv_w) - 0.5 * D * (LOG2PI + torch.log(s2)), weights
+
+
+def aot_cases():
+    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): the tile
+    tables of both kernels, float32 and float64 accumulators, half points, each precision mode."""
+    def delta(dt, pts, prec, big):
+        bb, bn, bd, warps = _DELTA_BLOCKS[(dt == "fp32", big)]
+        ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr", "max_ptr", "sum_ptr")}
+        return _delta_partial_kernel, {"pts_ptr": "*" + pts, **ptrs, **dict.fromkeys(("B", "N", "D", "n_per_split"), "i32"),
+                                       "HAS_LW": True, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
+                                       "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps}
+
+    def gmm(dt, prec, big, full, score):
+        bb, bd, warps = _GMM_BLOCKS[(dt == "fp32", big)]
+        names = ("x_ptr", "means_ptr", "bases_ptr", "eig_ptr", "lp_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr",
+                 "max_ptr", "sum_ptr", "xsum_ptr", "logit_ptr", "c_ptr")
+        return _gmm_partial_kernel, {**{n: "*" + dt for n in names}, **dict.fromkeys(("B", "K", "D", "R", "k_per_split"), "i32"),
+                                     "HAS_BASES": True, "HAS_LP": not full, "FULL_RANK": full, "STORE_LOGITS": True,
+                                     "SCORE": score, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
+                                     "BLOCK_B": bb, "BLOCK_D": bd, "BLOCK_R": _GMM_MAX_BLOCK_R, "num_warps": warps}
+
+    yield delta("fp32", "fp32", "ieee", True)
+    yield delta("fp32", "bf16", "tf32x3", False)
+    yield delta("fp32", "fp16", "tf32", True)
+    yield delta("fp64", "fp64", "ieee", True)
+    yield gmm("fp32", "tf32x3", True, False, False)
+    yield gmm("fp32", "ieee", False, True, True)
+    yield gmm("fp64", "ieee", True, False, True)
