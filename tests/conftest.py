@@ -29,4 +29,13 @@ def poison_empty():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: extra threads only contend (CI runs two workers on two cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

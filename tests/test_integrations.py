@@ -18,13 +18,7 @@ from gsa_kernels.sampling import VPDenoiser, karras_sigmas, sample
 from conftest import rel_err
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: threads only contend (CI runs two workers on two cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussian(d, r, dtype=torch.float32, seed=0):

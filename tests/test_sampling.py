@@ -18,13 +18,7 @@ from gsa_kernels.sampling.gmm_reference import FullCovGMM
 from conftest import rel_err
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads only contend (CI runs two workers on two cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussian(d=8, r=5, lam_perp=0.05, dtype=torch.float64, seed=0, lam_range=(0.05, 4.0)):

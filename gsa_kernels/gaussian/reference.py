@@ -37,15 +37,16 @@ def apply_mode_function(x, mean, basis, f_modes, f_perp):
     return f_perp * xc + ((f_modes - f_perp) * c) @ basis.T
 
 
-def _f_denoise(lam, s2):
+# The per-mode functions f(l) of MATH.md 2.1 (s2 = sigma^2).
+def f_denoise(lam, s2):
     return lam / (lam + s2)
 
 
-def _f_score(lam, s2):
+def f_score(lam, s2):
     return -1.0 / (lam + s2)
 
 
-def _f_teleport(lam, s0_sq, s1_sq):
+def f_teleport(lam, s0_sq, s1_sq):
     return torch.sqrt((lam + s1_sq) / (lam + s0_sq))
 
 
@@ -54,7 +55,7 @@ def gaussian_denoise(x, mean, basis, eigvals, lam_perp, sigma):
     x2 = _flat(x)
     s2 = _sigma_column(sigma, x2) ** 2
     lp = torch.as_tensor(lam_perp, dtype=x2.dtype, device=x2.device)
-    out = mean + apply_mode_function(x2, mean, basis, _f_denoise(eigvals, s2), _f_denoise(lp, s2))
+    out = mean + apply_mode_function(x2, mean, basis, f_denoise(eigvals, s2), f_denoise(lp, s2))
     return out.reshape(x.shape)
 
 
@@ -63,7 +64,7 @@ def gaussian_score(x, mean, basis, eigvals, lam_perp, sigma):
     x2 = _flat(x)
     s2 = _sigma_column(sigma, x2) ** 2
     lp = torch.as_tensor(lam_perp, dtype=x2.dtype, device=x2.device)
-    out = apply_mode_function(x2, mean, basis, _f_score(eigvals, s2), _f_score(lp, s2))
+    out = apply_mode_function(x2, mean, basis, f_score(eigvals, s2), f_score(lp, s2))
     return out.reshape(x.shape)
 
 
@@ -73,7 +74,7 @@ def teleport(x, mean, basis, eigvals, lam_perp, sigma_from, sigma_to):
     s0 = _sigma_column(sigma_from, x2) ** 2
     s1 = _sigma_column(sigma_to, x2) ** 2
     lp = torch.as_tensor(lam_perp, dtype=x2.dtype, device=x2.device)
-    out = mean + apply_mode_function(x2, mean, basis, _f_teleport(eigvals, s0, s1), _f_teleport(lp, s0, s1))
+    out = mean + apply_mode_function(x2, mean, basis, f_teleport(eigvals, s0, s1), f_teleport(lp, s0, s1))
     return out.reshape(x.shape)
 
 

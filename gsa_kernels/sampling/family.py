@@ -12,18 +12,7 @@ import torch
 from torch import nn
 
 from .._validation import as_sigma, check_nonneg, check_tensor
-
-
-def _f_denoise(lam, s2):
-    return lam / (lam + s2)
-
-
-def _f_score(lam, s2):
-    return -1.0 / (lam + s2)
-
-
-def _f_teleport(lam, s0_sq, s1_sq):
-    return torch.sqrt((lam + s1_sq) / (lam + s0_sq))
+from ..gaussian.reference import f_denoise as _f_denoise, f_score as _f_score, f_teleport as _f_teleport
 
 
 class GaussianFamily(nn.Module):
