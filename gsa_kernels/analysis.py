@@ -17,6 +17,7 @@ trained network, or ``sampling``'s convention) or an object with a ``.denoise(x,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import math
 from dataclasses import dataclass
 
 import torch
@@ -299,8 +300,8 @@ def log_sigma_grid(n: int = 25, sigma_min: float = 0.002, sigma_max: float = 80.
     """n sigmas spaced evenly in log sigma (the papers' analysis axis)."""
     if n < 2 or not 0 < sigma_min < sigma_max:
         raise ValueError(f"need n >= 2 and 0 < sigma_min < sigma_max, got {n}, {sigma_min}, {sigma_max}")
-    return torch.logspace(torch.log10(torch.tensor(sigma_min)), torch.log10(torch.tensor(sigma_max)), n,
-                          dtype=torch.float64).tolist()
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return [sigma_min] + [math.exp(lo + (hi - lo) * i / (n - 1)) for i in range(1, n - 1)] + [sigma_max]
 
 
 __all__ = [

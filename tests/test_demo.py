@@ -156,7 +156,9 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
             "--blocks", "1", "--batch-size", "64", "--classifier-steps", "30", "--methods", "heun,dpmpp_2m",
             "--steps", "3,5", "--skips", "0,0.4", "--seeds", "2", "--samples", "64", "--analysis-sigmas", "3",
             "--gmm-components", "3", "--gmm-rank", "4", "--grid-steps", "5", "--no-progress"]
+    threads = torch.get_num_threads()
     results = pipeline.run(args)
+    assert torch.get_num_threads() == threads  # the run's --threads setting does not leak out
     for name in pipeline.FIGURES.values():
         assert os.path.getsize(out / name) > 1000, name
     report = (out / "report.md").read_text()

@@ -74,7 +74,9 @@ def _image_shape(x: np.ndarray, source: str) -> tuple[np.ndarray, tuple[int, int
     elif x.ndim == 3:
         shape = (1, x.shape[1], x.shape[2])
     elif x.ndim == 4:
-        if x.shape[1] in (1, 3, 4):
+        # Channels first when axis 1 is 1 or 3 (gray, RGB), else channels last when the last axis is 1, 3
+        # or 4 (RGBA), else channels first with 4 channels.
+        if x.shape[1] in (1, 3) or (x.shape[1] == 4 and x.shape[3] not in (1, 3, 4)):
             shape = tuple(x.shape[1:])
         elif x.shape[3] in (1, 3, 4):
             x = np.transpose(x, (0, 3, 1, 2))

@@ -106,7 +106,7 @@ class QualityMeter:
 
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor) -> dict[str, float]:
-        flat = samples.reshape(samples.shape[0], -1).float()
+        flat = samples.reshape(samples.shape[0], -1).float().cpu()  # the classifier and statistics live on the CPU
         out = {"fd_pixel": frechet_distance_from_stats(*gaussian_stats(flat), *self._pixel_ref)}
         if self.classifier is not None:
             feats = self.classifier.features(flat)

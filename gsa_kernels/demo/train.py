@@ -88,7 +88,7 @@ def train_denoiser(data: Dataset, model_cfg: DenoiserConfig, cfg: TrainConfig, *
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1 - decay)
-        value = float(loss)
+        value = float(loss.detach())
         smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
         if step % 100 == 0 or step == cfg.steps - 1:
             losses.append((step, smoothed))
