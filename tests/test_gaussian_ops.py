@@ -178,6 +178,11 @@ def test_autograd_wrt_x():
     assert torch.autograd.gradcheck(lambda x: torch.ops.gsa.gaussian_denoise(x, *params, sig), (x,))
     assert torch.autograd.gradcheck(lambda x: torch.ops.gsa.gaussian_score(x, *params, sig), (x,))
     assert torch.autograd.gradcheck(lambda x: torch.ops.gsa.project(x, params[0], params[1]), (x,))
+    # Second order (the backward is the op itself) and a clear error for parameters that need grad.
+    assert torch.autograd.gradgradcheck(lambda x: torch.ops.gsa.teleport(x, *params, sig, sig * 0.2), (x,))
+    mean_g = params[0].clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="mean requires grad"):
+        torch.ops.gsa.gaussian_denoise(x, mean_g, *params[1:], sig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,46 +122,7 @@ for _op in _MAP_IDS:
     torch.library.register_kernel(f"gsa::{_op}", "cuda")(_make_map_cuda(_op))
 
 
-# ----------------------------------------------------------------------------------------------
-# Autograd with respect to x. Each map is affine in x with a symmetric linear part L_f, so the
-# vector-Jacobian product is the same op applied to the cotangent with mean = 0.
-def _setup_context(ctx, inputs, output):
-    x, mean, basis, eigvals, lam_perp, *sigmas = inputs
-    for name, t in zip(("mean", "basis", "eigvals", "lam_perp", "sigma"), (mean, basis, eigvals, lam_perp, *sigmas)):
-        if t.requires_grad:
-            raise NotImplementedError(f"gsa Gaussian ops differentiate with respect to x only; {name} requires grad")
-    ctx.save_for_backward(mean, basis, eigvals, lam_perp, *sigmas)
-
-
-def _make_backward(op_name):
-    op = getattr(torch.ops.gsa, op_name)
-
-    def backward(ctx, grad):
-        mean, basis, eigvals, lam_perp, *sigmas = ctx.saved_tensors
-        grad_x = op(grad.contiguous(), torch.zeros_like(mean), basis, eigvals, lam_perp, *sigmas)
-        return (grad_x,) + (None,) * (4 + len(sigmas))
-
-    return backward
-
-
-for _op in _MAP_IDS:
-    torch.library.register_autograd(f"gsa::{_op}", _make_backward(_op), setup_context=_setup_context)
-
-
-def _project_setup(ctx, inputs, output):
-    x, mean, basis = inputs
-    if mean.requires_grad or basis.requires_grad:
-        raise NotImplementedError("gsa.project differentiates with respect to x only")
-    ctx.save_for_backward(basis)
-    ctx.x_shape = x.shape
-
-
-def _project_backward(ctx, grad):
-    (basis,) = ctx.saved_tensors
-    return (grad @ basis.T.to(grad.dtype)).reshape(ctx.x_shape), None, None
-
-
-torch.library.register_autograd("gsa::project", _project_backward, setup_context=_project_setup)
+# Autograd with respect to x is registered in C++ (csrc/gaussian_autograd.cpp).
 
 
 # ----------------------------------------------------------------------------------------------
