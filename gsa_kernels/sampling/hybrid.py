@@ -68,10 +68,14 @@ def _denoise_fn(model):
 
 
 @torch.no_grad()
-def explained_variance(model, reference, data: torch.Tensor, sigmas, n_noise: int = 1, generator=None,
-                       batch_size: int = 1024) -> torch.Tensor:
+def pooled_explained_variance(model, reference, data: torch.Tensor, sigmas, n_noise: int = 1, generator=None,
+                              batch_size: int = 1024) -> torch.Tensor:
     """EV(sigma) = 1 - sum ||s_ref - s_model||^2 / sum ||s_ref||^2 of the scores s = (D(x) - x) / sigma^2 at
     x = data + sigma * eps (MATH.md section 5), for each sigma in `sigmas`; float64 [len(sigmas)].
+
+    Pooled over the batch (a ratio of sums), which is what the sigma_skip chooser needs: one number per
+    sigma, dominated by the samples with large scores. The papers' per-sample average of the ratio, with
+    the analysis options, is gsa_kernels.analysis.explained_variance.
 
     The score form weighs denoiser errors against the PF-ODE velocity (x - D) / sigma, so EV near 1 means
     the two ODEs (and so their trajectories) agree at that noise level."""
@@ -126,7 +130,7 @@ def choose_sigma_skip(gaussian, reference_model, data: torch.Tensor, tol: float 
         sigmas = torch.logspace(math.log10(80.0), math.log10(0.02), 40, dtype=torch.float64)
     grid = sorted((float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)),
                   reverse=True)
-    ev = explained_variance(gaussian, reference_model, data, grid, n_noise=n_noise, generator=generator,
+    ev = pooled_explained_variance(gaussian, reference_model, data, grid, n_noise=n_noise, generator=generator,
                             batch_size=batch_size)
     chosen = math.inf
     for s, e in zip(grid, ev.tolist()):
