@@ -83,15 +83,20 @@ at::Tensor gaussian_map_cpu(GaussianMap map, const at::Tensor& x, const at::Tens
   const auto s_a = sigma_a.to(ct).reshape({-1, 1});
   const auto s_b = sigma_b.to(ct).reshape({-1, 1});
   auto [f_modes, f_perp] = mode_factors(map, eigvals.to(ct), lam_perp.to(ct), s_a, s_b);
-  // Full rank: there is no orthogonal complement. Dropping the perp term there also avoids the
-  // cancellation f_perp * (x - mu) - U (f_perp * c), which is catastrophic when f_perp is large.
-  if (a.rank == a.dim) f_perp = at::zeros_like(f_perp);
-
   const auto xc = x2 - mu;
   auto g = at::matmul(xc, U);
-  g.mul_(f_modes - f_perp);
-  at::Tensor out = map == GaussianMap::Score ? xc * f_perp : at::addcmul(mu, xc, f_perp);
-  out.addmm_(g, U.t());
+  at::Tensor out;
+  if (a.rank == a.dim) {
+    // Full rank: there is no orthogonal complement, so no f(lam_perp) term (and no pass over x for
+    // it). Dropping it also avoids the cancellation f_perp (x - mu) - U (f_perp c), which is
+    // catastrophic when f_perp is large.
+    g.mul_(f_modes);
+    out = map == GaussianMap::Score ? at::matmul(g, U.t()) : at::addmm(mu, g, U.t());
+  } else {
+    g.mul_(f_modes - f_perp);
+    out = map == GaussianMap::Score ? xc * f_perp : at::addcmul(mu, xc, f_perp);
+    out.addmm_(g, U.t());
+  }
   return out.to(x.scalar_type()).reshape(x.sizes());
 }
 

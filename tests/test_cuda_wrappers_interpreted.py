@@ -4,7 +4,6 @@ casts, contiguity, per-sample sigma vectors, output shapes) before a GPU session
 import pytest
 import torch
 
-import gsa_kernels
 from gsa_kernels.gaussian import ops as gops
 from gsa_kernels.gaussian import reference as GR
 from gsa_kernels.mixture import ops as mops

@@ -120,7 +120,7 @@ def test_per_sample_sigma_and_shapes():
 def test_gmm_matches_reference(dtype, r, with_lam_perp):
     d, K = 16, 7
     params = random_gmm(K, d, r, seed=r, with_lam_perp=with_lam_perp)
-    lw, means = params[0], params[1]
+    means = params[1]
     tol = 1e-10 if dtype == torch.float64 else F32_DENOISE_TOL
     for i, sigma in enumerate(SIGMAS):
         x = queries(means, 6, 0.5 + sigma, seed=i)

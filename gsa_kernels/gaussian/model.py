@@ -1,8 +1,6 @@
 """GaussianModel: the Gaussian data model G = (mu, U, lam, lam_perp) as an nn.Module (MATH.md section 2)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _library, config
-from .._validation import FLOAT_DTYPES, PARAM_DTYPES, as_sigma, check_nonneg, check_tensor
+from .._validation import FLOAT_DTYPES, as_sigma, check_nonneg, check_tensor
 from . import reference
 
 _library.load_library()
