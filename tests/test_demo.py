@@ -11,7 +11,7 @@ import torch
 from gsa_kernels.demo import data as demo_data
 from gsa_kernels.demo import evaluate, metrics, pipeline
 from gsa_kernels.demo.model import DenoiserConfig, EDMDenoiser
-from gsa_kernels.demo.train import TrainConfig, load_or_train
+from gsa_kernels.demo.train import TrainConfig, load_or_train, train_denoiser
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -126,6 +126,34 @@ def test_checkpoint_is_reused(tmp_path):
     assert not info3["cached"] and info3["steps_done"] == 4
 
 
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file if the checkpoint is ever unpickled
+
+
+def test_cache_file_cannot_run_code(tmp_path):
+    ds = demo_data.load_dataset()
+    mcfg = DenoiserConfig(dim=64, hidden=16, blocks=1, embed=8, sigma_data=0.75)
+    path, marker = tmp_path / "ckpt.pt", tmp_path / "executed"
+    torch.save({"key": "x", "payload": _RunsCodeWhenUnpickled(str(marker))}, str(path))
+    messages = []
+    _model, info = load_or_train(ds, mcfg, TrainConfig(steps=2, batch_size=8), str(path), progress=False,
+                                 log=messages.append)
+    assert not marker.exists(), "loading the demo cache executed code from the file"
+    assert not info["cached"] and any("not a loadable checkpoint" in m for m in messages)
+
+
+def test_training_length_does_not_depend_on_the_clock():
+    assert TrainConfig().max_minutes is None  # no wall-clock cap unless asked for
+    ds = demo_data.load_dataset()
+    mcfg = DenoiserConfig(dim=64, hidden=16, blocks=1, embed=8, sigma_data=0.75)
+    _m, capped = train_denoiser(ds, mcfg, TrainConfig(steps=50, batch_size=8, max_minutes=1e-9), progress=False)
+    assert capped["stopped_early"] and capped["steps_done"] < 50  # a cap, when asked for, is honoured and reported
+
+
 # ---- equal-quality accounting ----------------------------------------------------------------------------
 def _entry(n, k, nfe, fd, std=0.1):
     return {"method": "heun", "steps": n, "skip": k, "skip_fraction": k / n, "nfe": nfe,
@@ -170,3 +198,6 @@ def test_demo_pipeline_smoke(tmp_path, capsys):
     assert all(math.isfinite(e["fd_feature_mean"]) and e["fd_pixel_mean"] >= 0 for e in results["summary"])
     assert set(results["analysis"]["ev_score"]) == {"Gaussian", "GMM (K=3)", "training set"}
     assert "summary" in capsys.readouterr().out
+    # The report depends on the settings only: a second run from an empty cache writes the same file.
+    pipeline.run(args[:2] + ["--cache-dir", str(tmp_path / "cache2")] + args[4:])
+    assert (out / "report.md").read_text() == report

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--train-steps", type=int, default=TrainConfig.steps)
     g.add_argument("--train-minutes", type=float, default=TrainConfig.max_minutes,
-                   help="wall-clock cap on training (stops early and says so)")
+                   help="optional wall-clock cap on training (off by default; when it stops training early, "
+                        "the report says so)")
     g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     g.add_argument("--lr", type=float, default=TrainConfig.lr)
     g.add_argument("--hidden", type=int, default=DenoiserConfig.hidden)

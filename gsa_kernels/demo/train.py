@@ -26,8 +26,10 @@ class TrainConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     seed: int = 0
-    # Wall-clock cap: training stops early (and says so) if the machine is slower than planned.
-    max_minutes: float = 8.0
+    # Optional wall-clock cap (None: off). Off by default so that the trained model, and so the report,
+    # depend only on the settings, never on how busy the machine is; when a cap stops training, the
+    # report says so.
+    max_minutes: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +73,7 @@ def train_denoiser(data: Dataset, model_cfg: DenoiserConfig, cfg: TrainConfig, *
     n = train.shape[0]
     losses, smoothed = [], None
     start = time.perf_counter()
-    deadline = start + 60.0 * cfg.max_minutes
+    deadline = None if cfg.max_minutes is None else start + 60.0 * cfg.max_minutes
     stopped_early = False
     bar = tqdm(range(cfg.steps), desc="training denoiser", disable=not progress, mininterval=1.0)
     step = 0
@@ -93,7 +95,7 @@ def train_denoiser(data: Dataset, model_cfg: DenoiserConfig, cfg: TrainConfig, *
         if step % 100 == 0 or step == cfg.steps - 1:
             losses.append((step, smoothed))
             bar.set_postfix(loss=f"{smoothed:.4f}")
-        if time.perf_counter() > deadline:
+        if deadline is not None and time.perf_counter() > deadline:
             stopped_early = True
             break
     bar.close()
@@ -122,13 +124,20 @@ def load_or_train(data: Dataset, model_cfg: DenoiserConfig, cfg: TrainConfig, ch
     and configs, else trained and saved there. Returns (model, info); info["cached"] says which."""
     key = _cache_key(data, model_cfg, cfg)
     if not retrain and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if saved.get("key") == key:
+        # weights_only: the checkpoint holds tensors and plain data only, and a file dropped into the
+        # cache folder must not be able to run code when the demo starts.
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as err:  # not a checkpoint of ours (or unsafe): train anew, never execute it
+            log(f"{checkpoint} is not a loadable checkpoint ({type(err).__name__}); training anew")
+            saved = {}
+        if saved and saved.get("key") == key:
             model = EDMDenoiser(DenoiserConfig(**saved["model_config"]))
             model.load_state_dict(saved["state_dict"])
             log(f"reusing the trained denoiser in {checkpoint} (trained {saved['info']['steps_done']} steps)")
             return model.eval().requires_grad_(False), {**saved["info"], "cached": True}
-        log(f"{checkpoint} was trained for other data or settings; training anew")
+        elif saved:
+            log(f"{checkpoint} was trained for other data or settings; training anew")
     model, info = train_denoiser(data, model_cfg, cfg, progress=progress)
     os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
     torch.save({"key": key, "model_config": model_cfg.to_dict(), "train_config": cfg.to_dict(),
