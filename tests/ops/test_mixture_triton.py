@@ -10,8 +10,7 @@ import torch
 
 import gsa_kernels
 from gsa_kernels.mixture import reference as R
-from conftest import SIGMAS, rel_err, requires_cuda
-from test_mixture_ops import F32_DENOISE_TOL, close_points, gen, queries, random_gmm
+from helpers import F32_DENOISE_TOL, SIGMAS, close_points, gen, queries, random_gmm, rel_err, requires_cuda
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="covered by the CUDA tests")
