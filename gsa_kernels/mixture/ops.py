@@ -25,7 +25,7 @@ import torch
 from .. import _library
 from .._core.dtypes import compute_dtype
 from .._core.errors import call_op
-from .._validation import check_finite, check_nonneg, sigma_arg, values_readable
+from .._validation import check_nonneg, sigma_arg, values_readable
 
 _library.load_library()
 

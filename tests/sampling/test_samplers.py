@@ -1,18 +1,16 @@
-"""gsa_kernels.sampling: schedules, samplers (against diffusers' scheduler math), the hybrid sampler on
-Gaussian and GMM data, the sigma_skip chooser, class-conditional teleport, and the network adapters."""
+"""gsa_kernels.sampling: schedules, samplers (against diffusers' scheduler math) and the hybrid sampler on
+Gaussian data (tests/sampling/test_teleport_models.py: the sigma_skip chooser, families, adapters)."""
 import math
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import gsa_kernels as gk
 from gsa_kernels.gaussian import reference as gref
-from gsa_kernels.sampling import (METHODS, FlowDenoiser, GaussianFamily, VPDenoiser, choose_sigma_skip,
-                                  evals_per_run, flow_sigmas, flow_ts, frame_to_sigmas, karras_sigmas,
+from gsa_kernels.sampling import (METHODS, evals_per_run, flow_sigmas, flow_ts, frame_to_sigmas, karras_sigmas,
                                   linear_alphas_cumprod, sample, sigma_to_timestep, sigmas_to_frame,
                                   timestep_to_sigma, vp_sigmas, vp_timesteps)
-from helpers import gaussian_model, import_example, nonlinear_denoiser, reference_teleport, rel_err
+from helpers import gaussian_model, nonlinear_denoiser, reference_teleport, rel_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

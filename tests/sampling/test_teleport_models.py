@@ -4,14 +4,11 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import gsa_kernels as gk
-from gsa_kernels.sampling import (METHODS, FlowDenoiser, GaussianFamily, VPDenoiser, choose_sigma_skip,
-                                  evals_per_run, flow_sigmas, flow_ts, frame_to_sigmas, karras_sigmas,
-                                  linear_alphas_cumprod, sample, sigma_to_timestep, sigmas_to_frame,
-                                  timestep_to_sigma, vp_sigmas, vp_timesteps)
-from helpers import gaussian_model, import_example, nonlinear_denoiser, reference_teleport, rel_err
+from gsa_kernels.sampling import (FlowDenoiser, GaussianFamily, VPDenoiser, choose_sigma_skip, karras_sigmas,
+                                  linear_alphas_cumprod, sample, timestep_to_sigma)
+from helpers import gaussian_model, import_example, reference_teleport, rel_err
 
 
 FullCovGMM = import_example("gmm_reference").FullCovGMM
