@@ -1,5 +1,9 @@
 """python -m benchmarks: run the microbenchmark suite and write its table, JSON and plot.
 
+The harness (benchmarks/harness/: environment, timing, memory, run loop, report) times the cases of each
+op family (benchmarks/cases/: gaussian, mixture, overhead); results are data (results/*.json), rendered
+to markdown and a plot.
+
 On a GPU it runs the issue's shapes; on a CPU a small set (--shapes quick) that takes a few minutes on
 2 cores. Results go to benchmarks/results/<device>_<date>.{json,md,png}.
 """
@@ -14,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from . import bench_gaussian, bench_mixture, bench_overhead
-from .common import (BACKEND_KINDS, PRECISIONS, RESULTS_DIR, SHAPE_SETS, RunOptions, best_ceilings, derive,
-                     environment, markdown, measure_ceilings, pick_device, plot, print_rows, recompute_speedups,
-                     result_stem, run_case, write_json)
+from .cases import gaussian, mixture, overhead
+from .harness.environment import environment, pick_device
+from .harness.report import RESULTS_DIR, markdown, plot, print_overhead_rows, print_rows, result_stem, write_json
+from .harness.run import BACKEND_KINDS, SHAPE_SETS, RunOptions, derive, recompute_speedups, run_case
+from .harness.timing import PRECISIONS, best_ceilings, measure_ceilings
 
-FAMILIES = {"gaussian": bench_gaussian, "mixture": bench_mixture, "overhead": bench_overhead}
+FAMILIES = {"gaussian": gaussian, "mixture": mixture, "overhead": overhead}
 
 
 def _csv(text: str, allowed, what: str) -> tuple:
@@ -137,7 +142,7 @@ def _run(args, argv, device) -> dict:
             print(f"[{name}]", flush=True)
             if name == "overhead":
                 fam_rows = module.run(opts, fam_ops)
-                module.print_rows(fam_rows)
+                print_overhead_rows(fam_rows)
                 rows += fam_rows
                 continue
             first = True

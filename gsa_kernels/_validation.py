@@ -1,6 +1,13 @@
-"""Argument checks for the Python API: each error names the argument it is about."""
+"""Argument checks for the Python API: each error names the argument it is about.
+
+Value checks (finite, >= 0, > 0) read the data. On CPU tensors that is free and the raw ops do it
+themselves (in C++); on a GPU it synchronises, so it happens only where it was asked for: at model
+construction and load, or with check_values=True, and never while config.validation is off, under
+torch.compile or during CUDA-graph capture.
+"""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -11,17 +18,16 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 PARAM_DTYPES = (torch.float32, torch.float64)
 
 
-def _reading_values_is_free(t: torch.Tensor) -> bool:
-    """Value checks sync a GPU; skip them where a sync is forbidden or unwanted."""
+def values_readable(t: torch.Tensor, requested: bool = True) -> bool:
+    """Whether a value check of t may read its data now: always on CPU (outside torch.compile); on a GPU
+    only when `requested` and config.validation is on and no CUDA graph is being captured."""
     if torch.compiler.is_compiling():
         return False
     if t.device.type == "cpu":
         return True
-    if not config.validation_enabled():
+    if not requested or not config.validation_enabled():
         return False
-    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, device=None) -> torch.Tensor:
@@ -36,40 +42,87 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, 
     return t
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and _reading_values_is_free(t) and not bool(torch.isfinite(t).all()):
+def check_finite(name: str, t: torch.Tensor, requested: bool = True) -> None:
+    if t.numel() and values_readable(t, requested) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
 
 
-def check_nonneg(name: str, t: torch.Tensor) -> None:
-    check_finite(name, t)
-    if t.numel() and _reading_values_is_free(t) and bool((t < 0).any()):
+def check_nonneg(name: str, t: torch.Tensor, requested: bool = True) -> None:
+    """Finite and >= 0, in one reduction: min(t) is NaN, -inf, < 0 or +inf exactly when a value is bad
+    (+inf is then caught by the max)."""
+    if not t.numel() or not values_readable(t, requested):
+        return
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    if lo < 0:
         raise ValueError(f"{name} has negative values; variances must be >= 0")
 
 
-def as_sigma(name: str, sigma, batch: int, device, *, dtype=torch.float32, allow_zero: bool = False) -> torch.Tensor:
-    """A Python number or a [] / [B] tensor -> a [B] tensor on `device`, checked without a GPU sync where possible."""
+def check_sigma_meta(name: str, sigma, x: torch.Tensor) -> None:
+    """Type, dtype, device and shape of a sigma tensor ([] or [1] or [B]); no data reads."""
+    check_tensor(name, sigma, dtypes=FLOAT_DTYPES, device=x.device)
+    if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"{name} must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(sigma.shape)}")
+
+
+def _check_sigma_number(name: str, s: float, allow_zero: bool) -> None:
+    if not math.isfinite(s):
+        raise ValueError(f"{name} must be finite, got {s}")
+    if s < 0 or (s == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {s}")
+
+
+def _check_sigma_values(name: str, sigma: torch.Tensor, allow_zero: bool) -> None:
+    lo, hi = (float(v) for v in torch.aminmax(sigma.detach().reshape(-1)))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    if lo < 0 or (lo == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _number(name: str, sigma):
     if isinstance(sigma, bool):
         raise TypeError(f"{name} must be a number or a tensor, got bool")
     if isinstance(sigma, numbers.Real):
-        s = float(sigma)
-        if not s == s or s in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {s}")
-        if s < 0 or (s == 0 and not allow_zero):
-            raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {s}")
-        return torch.full((batch,), s, dtype=dtype, device=device)
+        return float(sigma)
     if not isinstance(sigma, torch.Tensor):
         raise TypeError(f"{name} must be a number or a tensor, got {type(sigma).__name__}")
+    return None
+
+
+def sigma_arg(name: str, sigma, x, *, dtype, allow_zero: bool = False, check_values: bool = False):
+    """A sigma argument of a raw op: a number becomes a [B] tensor on x's device; a tensor passes as it
+    is. The op checks tensors itself (C++ on CPU: shape, dtype, device and values; the meta check on
+    GPU: all but values), so only what it cannot see is checked here: a number's value where the op
+    runs on a GPU, and a GPU tensor's values when check_values asks for it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    s = _number(name, sigma)
+    on_cpu = x.device.type == "cpu"
+    if s is not None:
+        if not on_cpu:
+            _check_sigma_number(name, s, allow_zero)
+        return torch.full((x.shape[0] if x.dim() else 1,), s, dtype=dtype, device=x.device)
+    if check_values and not on_cpu and sigma.numel() and values_readable(sigma):
+        _check_sigma_values(name, sigma, allow_zero)
+    return sigma
+
+
+def as_sigma(name: str, sigma, batch: int, device, *, dtype=torch.float32, allow_zero: bool = False) -> torch.Tensor:
+    """A Python number or a [] / [B] tensor -> a [B] tensor on `device`, fully checked (values where they
+    are readable): for code that computes with sigma in PyTorch rather than passing it to a raw op."""
+    s = _number(name, sigma)
+    if s is not None:
+        _check_sigma_number(name, s, allow_zero)
+        return torch.full((batch,), s, dtype=dtype, device=device)
     if sigma.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {sigma.dtype}")
     if sigma.device != torch.device(device):
         raise ValueError(f"{name} is on {sigma.device} but x is on {device}")
     if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] not in (1, batch)):
         raise ValueError(f"{name} must be a scalar or have shape [B] = [{batch}], got {tuple(sigma.shape)}")
-    if sigma.numel() and _reading_values_is_free(sigma):
-        if not bool(torch.isfinite(sigma).all()):
-            raise ValueError(f"{name} has non-finite values (NaN or inf)")
-        bad = (sigma < 0) if allow_zero else (sigma <= 0)
-        if bool(bad.any()):
-            raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}")
+    if sigma.numel() and values_readable(sigma, requested=False):
+        _check_sigma_values(name, sigma, allow_zero)
     return sigma.reshape(-1).expand(batch) if sigma.numel() == 1 else sigma

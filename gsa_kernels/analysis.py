@@ -1,4 +1,4 @@
-"""Analysis tools of the Gaussian-score papers (MATH.md section 5), for any denoiser.
+"""Analysis tools of the Gaussian-score papers (docs/math.md section 5), for any denoiser.
 
 A *denoiser* here is either a callable ``D(x, sigma) -> x0_hat`` (x: [B, ...], sigma: a [B] tensor; a
 trained network, or ``sampling``'s convention) or an object with a ``.denoise(x, sigma)`` method
@@ -16,27 +16,16 @@ trained network, or ``sampling``'s convention) or an object with a ``.denoise(x,
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import math
 from dataclasses import dataclass
 
 import torch
 
+from ._core.denoiser import Denoiser, as_denoiser
 from ._validation import check_finite, check_tensor
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 QUANTITIES = ("score", "denoiser")
-
-
-def as_denoiser(model, name: str = "model") -> Denoiser:
-    """A callable D(x, sigma[B]) for a callable or an object with a .denoise method."""
-    if hasattr(model, "denoise") and callable(model.denoise):
-        return model.denoise
-    if callable(model):
-        return model
-    raise TypeError(f"{name} must be callable as D(x, sigma) or have a .denoise(x, sigma) method, "
-                    f"got {type(model).__name__}")
 
 
 def _check_sigmas(sigmas) -> list[float]:
@@ -238,7 +227,7 @@ def record_trajectory(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, *, me
 @torch.no_grad()
 def gaussian_trajectory(gaussian, noise: torch.Tensor, sigmas: torch.Tensor) -> Trajectory:
     """The exact PF-ODE trajectory of a Gaussian model from x = sigmas[0] * noise, in closed form at each
-    sigma (teleport), with its denoising trajectory (MATH.md 2.2)."""
+    sigma (teleport), with its denoising trajectory (docs/math.md section 2.2)."""
     check_tensor("noise", noise)
     levels = [float(s) for s in sigmas.tolist()]
     if len(levels) < 2 or levels[-1] != 0.0 or any(a <= b for a, b in zip(levels, levels[1:])):

@@ -1,4 +1,5 @@
-"""Noise frames (MATH.md section 1). Every op works in the VE/EDM frame x = x0 + sigma * eps; a frame
+"""Noise frames (docs/math.md section 1), the one home of the frame conversions (samplers' adapters,
+the diffusers integration and the models use these). Every op works in the VE/EDM frame x = x0 + sigma * eps; a frame
 is a map (scale s, noise level sigma) with x_frame = s * x_ve.
 
 | frame | parameter           | sigma                      | scale s         |
@@ -75,17 +76,30 @@ def frame_sigma_and_scale(frame: str, value):
     raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
 
 
-def _per_sample(scale, x: torch.Tensor):
-    if isinstance(scale, torch.Tensor) and scale.dim() == 1 and scale.numel() == x.shape[0] and x.dim() > 1:
-        return scale.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-    return scale
+def scale_from_sigma(frame: str, sigma):
+    """Scale s of a frame's sample at VE noise level sigma (x_frame = s x_ve): 1 (ve),
+    sqrt(abar) = 1 / sqrt(1 + sigma^2) (vp), 1 - t = 1 - sigma / (1 + sigma) (flow)."""
+    if frame == "ve":
+        return 1.0
+    if frame == "vp":
+        return 1.0 / math.sqrt(1.0 + sigma * sigma) if isinstance(sigma, numbers.Real) else torch.rsqrt(1 + sigma * sigma)
+    if frame == "flow":
+        return 1 - t_from_sigma(sigma)
+    raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+
+
+def per_sample(v, x: torch.Tensor):
+    """A [B] tensor as a column broadcasting over x [B, ...] (in x's dtype); numbers and [] pass as they are."""
+    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == x.shape[0] and x.dim() > 1:
+        return v.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    return v
 
 
 def to_ve(x: torch.Tensor, scale) -> torch.Tensor:
     """x_ve = x / s (s a number or a [B] tensor)."""
-    return x / _per_sample(scale, x)
+    return x / per_sample(scale, x)
 
 
 def from_ve(x_ve: torch.Tensor, scale) -> torch.Tensor:
     """x = s * x_ve."""
-    return x_ve * _per_sample(scale, x_ve)
+    return x_ve * per_sample(scale, x_ve)

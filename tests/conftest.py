@@ -1,3 +1,4 @@
+"""Fixtures of the test suite (helpers: tests/helpers.py)."""
 import os
 
 import pytest
@@ -7,13 +8,6 @@ import torch
 # @triton.jit function is created, i.e. before gsa_kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-SIGMAS = [0.002, 0.01, 0.1, 1.0, 10.0, 80.0]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm())
 
 
 @pytest.fixture
@@ -38,4 +32,3 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

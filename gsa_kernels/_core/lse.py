@@ -1,4 +1,4 @@
-"""The one exact merge of streamed log-sum-exp states.
+"""The one exact merge of streamed log-sum-exp states (docs/math.md section 3).
 
 A partial state over a subset of components (a thread's chunks, a GPU split, a file chunk, a rank's
 shard) is, per row b: the running max m_b, the sum l_b = sum_i exp(logit_i - m_b), the weighted sum
@@ -14,24 +14,34 @@ matmul, so global TF32 settings cannot change the result.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def merge_states(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Tensor | None = None,
-                 xr: torch.Tensor | None = None):
-    """Merge S states m, l [S, B], acc [S, B, d] (x_coef [S, B] with xr = x - ctr [B, d], or None).
+class MergedState(NamedTuple):
+    out: torch.Tensor     # [B, d] merged weighted mean
+    log_w: torch.Tensor   # [B] log of the total weight, M + log W (-inf for a row with no weight)
+    shift: torch.Tensor   # [B] the common max M (0 where every state is empty)
+    inv_w: torch.Tensor   # [B] 1 / W relative to shift (0 where W = 0)
 
-    Returns (out [B, d], log_w [B]): the merged weighted mean and log of the total weight
-    (M + log W; -inf for a row with no weight)."""
-    big = m.max(dim=0).values
-    shift = torch.where(torch.isneginf(big), torch.zeros_like(big), big)
+
+def safe_shift(m: torch.Tensor) -> torch.Tensor:
+    """The max used as the exponent shift: m itself, or 0 where m = -inf (keeps exp(m - shift) NaN-free)."""
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def merge_states(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Tensor | None = None,
+                 xr: torch.Tensor | None = None) -> MergedState:
+    """Merge S states m, l [S, B], acc [S, B, d] (x_coef [S, B] with xr = x - ctr [B, d], or None)."""
+    shift = safe_shift(m.max(dim=0).values)
     e = torch.exp(m - shift)                              # [S, B]
     w = (e * l).sum(0)                                    # [B]
     num = (e.unsqueeze(-1) * acc).sum(0)                  # [B, d]: no bmm, immune to TF32 flags
     if x_coef is not None:
         num = num + (e * x_coef).sum(0).unsqueeze(-1) * xr
     inv_w = torch.where(w > 0, 1.0 / w, torch.zeros_like(w))
-    return num * inv_w.unsqueeze(-1), shift + torch.log(w)
+    return MergedState(num * inv_w.unsqueeze(-1), shift + torch.log(w), shift, inv_w)
 
 
 def merge_normalized(outs: torch.Tensor, log_zs: torch.Tensor):
@@ -39,5 +49,5 @@ def merge_normalized(outs: torch.Tensor, log_zs: torch.Tensor):
     log_zs [S, B] -> (out [B, ...], log_z [B])."""
     S, B = log_zs.shape
     flat = outs.reshape(S, B, -1)
-    out, log_z = merge_states(log_zs, torch.ones_like(log_zs), flat.to(log_zs.dtype))
-    return out.to(outs.dtype).reshape(outs.shape[1:]), log_z
+    merged = merge_states(log_zs, torch.ones_like(log_zs), flat.to(log_zs.dtype))
+    return merged.out.to(outs.dtype).reshape(outs.shape[1:]), merged.log_w

@@ -1,12 +1,15 @@
-"""GaussianModel: the Gaussian data model G = (mu, U, lam, lam_perp) as an nn.Module (MATH.md section 2)."""
+"""GaussianModel: the Gaussian data model G = (mu, U, lam, lam_perp) as an nn.Module (docs/math.md section 2)."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from .. import frames
-from .._validation import PARAM_DTYPES, check_finite, check_nonneg, check_tensor
-from . import ops
+from .._core.dtypes import compute_dtype
+from .._validation import PARAM_DTYPES, check_finite, check_tensor
+from . import meta, ops
 
 
 class GaussianModel(nn.Module):
@@ -18,16 +21,7 @@ class GaussianModel(nn.Module):
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor, lam_perp=0.0):
         super().__init__()
-        check_tensor("mean", mean, ndim=1, dtypes=PARAM_DTYPES)
-        check_tensor("basis", basis, ndim=2, dtypes=PARAM_DTYPES, device=mean.device)
-        check_tensor("eigvals", eigvals, ndim=1, dtypes=PARAM_DTYPES, device=mean.device)
-        d, r = basis.shape
-        if d != mean.shape[0]:
-            raise ValueError(f"basis must have shape [d, r] with d = {mean.shape[0]} (from mean), got {tuple(basis.shape)}")
-        if not 1 <= r <= d:
-            raise ValueError(f"basis must have 1 <= r <= d = {d}, got r = {r}")
-        if eigvals.shape[0] != r:
-            raise ValueError(f"eigvals must have shape [r] = [{r}], got {tuple(eigvals.shape)}")
+        meta.check_parameters(mean, basis, eigvals, dtypes=PARAM_DTYPES)
         lam_perp = torch.as_tensor(lam_perp, dtype=mean.dtype, device=mean.device).reshape(())
         self.register_buffer("mean", mean.contiguous())
         self.register_buffer("basis", basis.contiguous())
@@ -38,10 +32,7 @@ class GaussianModel(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: module._check_values())
 
     def _check_values(self):
-        check_finite("mean", self.mean)
-        check_finite("basis", self.basis)
-        check_nonneg("eigvals", self.eigvals)
-        check_nonneg("lam_perp", self.lam_perp)
+        ops.check_values(self.mean, self.basis, self.eigvals, self.lam_perp)
 
     @property
     def dim(self) -> int:
@@ -64,34 +55,45 @@ class GaussianModel(nn.Module):
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """Optimal denoiser E[x0 | x] at noise level sigma."""
-        return ops.gaussian_denoise(x, *self._args(), sigma, check_values=False)
+        return ops.gaussian_denoise(x, *self._args(), sigma)
 
     def score(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """grad_x log p_sigma(x)."""
-        return ops.gaussian_score(x, *self._args(), sigma, check_values=False)
+        return ops.gaussian_score(x, *self._args(), sigma)
 
     def teleport(self, x: torch.Tensor, sigma_from, sigma_to) -> torch.Tensor:
         """Exact PF-ODE solution of the Gaussian from sigma_from to sigma_to (VE frame)."""
-        return ops.teleport(x, *self._args(), sigma_from, sigma_to, check_values=False)
+        return ops.teleport(x, *self._args(), sigma_from, sigma_to)
 
     def teleport_frame(self, x: torch.Tensor, frm, to, frame: str = "vp") -> torch.Tensor:
-        """Teleport a sample given in another frame (MATH.md section 1): `frm`/`to` are alpha_bar for
+        """Teleport a sample given in another frame (docs/math.md section 1): `frm`/`to` are alpha_bar for
         frame="vp" (DDPM/DDIM latents), t for frame="flow" (rectified flow), sigma for "ve"."""
         s0, a0 = frames.frame_sigma_and_scale(frame, frm)
         s1, a1 = frames.frame_sigma_and_scale(frame, to)
         return frames.from_ve(self.teleport(frames.to_ve(x, a0), s0, s1), a1)
 
     def denoise_along_teleport(self, x: torch.Tensor, sigma_from, sigma) -> torch.Tensor:
-        """MATH.md 2.2: the denoised estimate D(x(sigma); sigma) on the analytic trajectory from x at sigma_from."""
+        """docs/math.md section 2.2: the denoised estimate D(x(sigma); sigma) on the analytic trajectory from x at sigma_from."""
         return self.denoise(self.teleport(x, sigma_from, sigma), sigma)
 
     def log_prob(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        """log p_sigma(x) of the noised Gaussian, [B] (unfused; for analysis)."""
-        from . import reference
-
-        ct = torch.float64 if self.mean.dtype == torch.float64 else torch.float32
-        return reference.gaussian_log_prob(x.to(ct), self.mean.to(ct), self.basis.to(ct), self.eigvals.to(ct),
-                                           self.lam_perp.to(ct), torch.as_tensor(sigma, dtype=ct, device=x.device))
+        """log p_sigma(x) of the noised Gaussian, [B]: log N(x; mu, U diag(lam + s^2) U^T
+        + (lam_perp + s^2)(I - U U^T)), with c = U^T (x - mu) from the project op."""
+        ct = compute_dtype(self.mean)
+        d, r = self.dim, self.rank
+        x2 = x.reshape(x.shape[0], -1).to(ct)
+        c = ops.project(x2, self.mean, self.basis).to(ct)
+        s2 = torch.as_tensor(sigma, dtype=ct, device=x.device).reshape(-1, 1) ** 2
+        lam = self.eigvals.to(ct) + s2                                   # [B, r]
+        maha = (c * c / lam).sum(1)
+        logdet = torch.log(lam).sum(1)
+        if r < d:
+            lam_perp = self.lam_perp.to(ct) + s2.squeeze(1)
+            xc = x2 - self.mean.to(ct)
+            off_subspace = ((xc * xc).sum(1) - (c * c).sum(1)).clamp_min(0)
+            maha = maha + off_subspace / lam_perp
+            logdet = logdet + (d - r) * torch.log(lam_perp)
+        return -0.5 * (maha + logdet + d * math.log(2 * math.pi))
 
     def sample(self, n: int, sigma=0.0, generator=None) -> torch.Tensor:
         """n draws from the (noised) Gaussian, [n, d]."""
@@ -116,7 +118,7 @@ class GaussianModel(nn.Module):
 
         data: a tensor [N, ...] or an iterable of such batches (a DataLoader yielding tensors or
         (tensor, label) tuples). Moments are accumulated in float64 and centred per batch, then merged
-        (Chan et al.), so float32 cancellation never eats the small-eigenvalue tail (MATH.md 3.1).
+        (Chan et al.), so float32 cancellation never eats the small-eigenvalue tail (docs/math.md section 3.1).
         rank: keep the top `rank` modes; lam_perp is then the mean of the discarded eigenvalues.
         The covariance is the unbiased one (divides by N - 1).
         """

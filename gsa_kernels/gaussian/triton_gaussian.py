@@ -1,4 +1,4 @@
-"""Triton kernels of the Gaussian ops (MATH.md 2.1), as two fused GEMMs:
+"""Triton kernels of the Gaussian ops (docs/math.md section 2.1), as two fused GEMMs:
 
   1. project-and-scale:  G[b, k] = (f_b(lam_k) - f_b(lam_perp)) * sum_j (x[b, j] - mu[j]) U[j, k]
      (centring is fused into the operand load, the per-mode factor into the epilogue);
@@ -16,18 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-# Map ids shared with the reference and the C++ kernels' order.
-PROJECT, DENOISE, SCORE, TELEPORT = 0, 1, 2, 3
+from . import map_kind
+
+# The map ids (map_kind.py) as constants the kernels can read (compiled Triton reads constexpr globals).
+PROJECT = tl.constexpr(map_kind.PROJECT)
+DENOISE = tl.constexpr(map_kind.DENOISE)
+SCORE = tl.constexpr(map_kind.SCORE)
+TELEPORT = tl.constexpr(map_kind.TELEPORT)
 
 
 @triton.jit
 def _mode_factor(lam, s_a, s_b, MAP: tl.constexpr):
-    # f(l) of MATH.md 2.1 for the map; s_a is sigma (or sigma_from), s_b is sigma_to.
-    if MAP == 1:
+    # f(l) of docs/math.md section 2.1 for the map; s_a is sigma (or sigma_from), s_b is sigma_to.
+    if MAP == DENOISE:
         return lam / (lam + s_a * s_a)
-    elif MAP == 2:
+    elif MAP == SCORE:
         return -1.0 / (lam + s_a * s_a)
-    elif MAP == 3:
+    elif MAP == TELEPORT:
         return tl.sqrt((lam + s_b * s_b) / (lam + s_a * s_a))
     else:
         return lam * 0.0 + 1.0
@@ -55,7 +60,7 @@ def _project_scale_kernel(
         xc = tl.where(row_ok[:, None] & col_ok[None, :], xt.to(tl.float32) - mu.to(tl.float32)[None, :], 0.0)
         ut = tl.load(basis_ptr + cols[:, None] * R + modes[None, :], mask=col_ok[:, None] & mode_ok[None, :], other=0.0)
         acc += tl.dot(xc, ut.to(tl.float32), input_precision=PRECISION)
-    if MAP != 0:
+    if MAP != PROJECT:
         lam = tl.load(eig_ptr + modes, mask=mode_ok, other=0.0).to(tl.float32)
         s_a = tl.load(sa_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
         s_b = tl.load(sb_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
@@ -118,7 +123,7 @@ def project(x2: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, precision
     bb, br, bd = _blocks(B)
     grid = (triton.cdiv(B, bb), triton.cdiv(R, br))
     _project_scale_kernel[grid](x2, mean, basis, mean, mean, mean, mean, out, B, D, R,
-                                MAP=PROJECT, FULL_RANK=True, PRECISION=precision,
+                                MAP=map_kind.PROJECT, FULL_RANK=True, PRECISION=precision,
                                 BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd)
     return out
 
@@ -145,26 +150,31 @@ def gaussian_map(map_id: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch
         MAP=map_id, FULL_RANK=full_rank, PRECISION=precision, BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd)
     _reconstruct_kernel[(triton.cdiv(B, bb), triton.cdiv(D, 64))](
         x2, mean, basis, g, lam_perp, sigma_a, sigma_b, out, B, D, R,
-        MAP=map_id, FULL_RANK=full_rank, ADD_MEAN=map_id != SCORE, PRECISION=precision,
+        MAP=map_id, FULL_RANK=full_rank, ADD_MEAN=map_id != map_kind.SCORE, PRECISION=precision,
         BLOCK_B=bb, BLOCK_D=64, BLOCK_R=32)
     return out
 
 
 def aot_cases():
-    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): every map
-    and rank case in float32/ieee at both tile shapes, and every storage type x precision for teleport."""
+    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): the projection
+    and every map at both tile shapes in float32/ieee, and every storage type x precision for teleport.
+    FULL_RANK is a property of the model (r == d) and takes the same value in the two kernels of a launch;
+    the map cases pair the small tile with full rank and the large tile with low rank, so that each
+    kernel compiles in both rank variants and both tile shapes without compiling every combination."""
     scalars = {"B": "i32", "D": "i32", "R": "i32"}
-    combos = [(m, "*fp32", "ieee", b) for m in (PROJECT, DENOISE, SCORE, TELEPORT) for b in (1, 256)]
-    combos += [(TELEPORT, t, p, 256) for t in ("*fp16", "*bf16") for p in ("ieee",)]
-    combos += [(TELEPORT, "*fp32", p, 256) for p in ("tf32x3", "tf32")]
-    for map_id, x_type, precision, batch in combos:
+    combos = [(map_kind.PROJECT, "*fp32", "ieee", b, True) for b in (1, 256)]
+    combos += [(m, "*fp32", "ieee", b, full) for m in (map_kind.DENOISE, map_kind.SCORE, map_kind.TELEPORT)
+               for b, full in ((1, True), (256, False))]
+    combos += [(map_kind.TELEPORT, t, "ieee", 256, False) for t in ("*fp16", "*bf16")]
+    combos += [(map_kind.TELEPORT, "*fp32", p, 256, False) for p in ("tf32x3", "tf32")]
+    for map_id, x_type, precision, batch, full_rank in combos:
         bb, br, bd = _blocks(batch)
         ptrs = dict.fromkeys(["mean_ptr", "basis_ptr", "eig_ptr", "lam_perp_ptr", "sa_ptr", "sb_ptr", "g_ptr"], "*fp32")
-        yield _project_scale_kernel, {**ptrs, "x_ptr": x_type, **scalars, "MAP": map_id, "FULL_RANK": map_id == PROJECT,
+        yield _project_scale_kernel, {**ptrs, "x_ptr": x_type, **scalars, "MAP": map_id, "FULL_RANK": full_rank,
                                       "PRECISION": precision, "BLOCK_B": bb, "BLOCK_R": br, "BLOCK_D": bd}
-        if map_id == PROJECT:
+        if map_id == map_kind.PROJECT:
             continue
         ptrs = dict.fromkeys(["mean_ptr", "basis_ptr", "g_ptr", "lam_perp_ptr", "sa_ptr", "sb_ptr"], "*fp32")
         yield _reconstruct_kernel, {**ptrs, "x_ptr": x_type, "out_ptr": x_type, **scalars, "MAP": map_id,
-                                    "FULL_RANK": batch == 1, "ADD_MEAN": map_id != SCORE,
+                                    "FULL_RANK": full_rank, "ADD_MEAN": map_id != map_kind.SCORE,
                                     "PRECISION": precision, "BLOCK_B": bb, "BLOCK_D": 64, "BLOCK_R": 32}

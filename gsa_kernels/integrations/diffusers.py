@@ -1,6 +1,6 @@
-"""Teleported starts for diffusers schedulers and pipelines (MATH.md sections 1 and 4).
+"""Teleported starts for diffusers schedulers and pipelines (docs/math.md sections 1 and 4).
 
-A diffusers scheduler keeps its sample in one of three frames (MATH.md section 1):
+A diffusers scheduler keeps its sample in one of three frames (docs/math.md section 1):
 
 | frame | schedulers | sample at step i | VE noise level |
 |---|---|---|---|
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import frames
+from .._core.dtypes import compute_dtype
 from ..sampling import hybrid
 from ..sampling.adapters import network_output
 from ..sampling.samplers import SampleResult
@@ -63,18 +65,18 @@ def scheduler_noise_level(scheduler, index: int, frame: str | None = None) -> tu
     sigmas = getattr(scheduler, "sigmas", None)
     if frame == "flow":
         t = float(sigmas[index])
-        return (t / (1 - t) if t < 1 else math.inf), 1.0 - t
+        return (frames.flow_sigma(t), frames.flow_scale(t)) if t < 1 else (math.inf, 0.0)
     if frame == "ve":
         return float(sigmas[index]), 1.0
     if frame != "vp":
-        raise ValueError(f"frame must be 've', 'vp' or 'flow', got {frame!r}")
+        raise ValueError(f"frame must be one of {frames.FRAMES}, got {frame!r}")
     if sigmas is not None:
         s = float(sigmas[index])
-        return s, 1.0 / math.sqrt(1.0 + s * s)
+        return s, frames.scale_from_sigma("vp", s)
     if index >= len(scheduler.timesteps):
         return 0.0, 1.0  # DDIM-style schedulers end on the clean sample
     abar = float(scheduler.alphas_cumprod[int(scheduler.timesteps[index])])
-    return math.sqrt((1 - abar) / abar), math.sqrt(abar)
+    return frames.vp_sigma(abar), frames.vp_scale(abar)
 
 
 def _step_indices(scheduler) -> list[int]:
@@ -94,10 +96,6 @@ class TeleportedLatents:
     skip: int
     sigma: float
     n_steps: int
-
-
-def _teleport_dtype(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def teleport_latents(scheduler, gaussian, noise: torch.Tensor, skip: int = 0, sigma_skip: float | None = None,
@@ -127,10 +125,11 @@ def teleport_latents(scheduler, gaussian, noise: torch.Tensor, skip: int = 0, si
         latents, begin = x, 0
     else:
         s0, a0 = levels[0]
-        x_ve = _teleport_dtype(x) * _SIGMA_AT_T1 if math.isinf(s0) else _teleport_dtype(x) / a0
+        xc = x.to(compute_dtype(x))
+        x_ve = xc * _SIGMA_AT_T1 if math.isinf(s0) else frames.to_ve(xc, a0)
         s0 = min(s0, _SIGMA_AT_T1)
         sk, ak = levels[k] if k < n else (0.0, 1.0)
-        latents = (gaussian.teleport(x_ve, s0, sk) * ak).to(noise.dtype)
+        latents = frames.from_ve(gaussian.teleport(x_ve, s0, sk), ak).to(noise.dtype)
         begin = idx[k] if k < n else len(scheduler.timesteps)
     if set_begin_index and hasattr(scheduler, "set_begin_index") and begin < len(scheduler.timesteps):
         scheduler.set_begin_index(begin)

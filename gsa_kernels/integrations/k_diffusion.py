@@ -15,14 +15,16 @@ import inspect
 import torch
 
 from ..sampling import hybrid
-from ..sampling.samplers import SampleResult, as_denoiser, schedule_to_host
+from .._core.denoiser import as_denoiser
+from .._core.dtypes import compute_dtype
+from ..sampling.samplers import SampleResult, schedule_to_host
 
 
 class _CountingModel:
     """Wraps the k-diffusion model (a denoiser model(x, sigma, **extra_args)) to count its calls."""
 
     def __init__(self, model):
-        self.model = as_denoiser(model)
+        self.model = as_denoiser(model, "model")
         self.n_evals = 0
 
     def __call__(self, x, sigma, **kwargs):
@@ -59,8 +61,7 @@ def sample_k_diffusion(sample_fn, model, noise: torch.Tensor, sigmas=None, gauss
         if isinstance(sigmas, torch.Tensor):
             tail = sigmas[k:]
         else:
-            tail = torch.tensor(sig[k:], dtype=noise.dtype if noise.dtype == torch.float64 else torch.float32,
-                                device=noise.device)
+            tail = torch.tensor(sig[k:], dtype=compute_dtype(noise), device=noise.device)
         if k < len(sig) - 1:
             x = sample_fn(counting, x, tail, **sampler_kwargs)
         return SampleResult(x=x, n_evals=counting.n_evals, sigma_start=sig[k])

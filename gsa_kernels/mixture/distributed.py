@@ -7,7 +7,8 @@ which is affine in it). The exact merge is
 
     M = max_r m_r,   e_r = exp(m_r - M),   out = sum_r e_r out_r / sum_r e_r,   log_z = M + log sum_r e_r
 
-with one all_reduce(MAX) of [B] and one all_reduce(SUM) of [B, d + 1]. It equals the single-process
+with one all_reduce(MAX) of [B] and one all_reduce(SUM) of [B, d + 1]; after the sum every rank holds one
+state (M, sum_r e_r, sum_r e_r out_r), which the package's one exact merge (_core/lse.py) normalizes. It equals the single-process
 answer up to float rounding (the shards only change the order of the sums). All ranks use one shared
 centre (the global mean of the points/means) so that the score is formed in the same frame everywhere.
 """
@@ -17,22 +18,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._core.lse import merge_states, safe_shift
 from . import ops
-from .model import GMM, DeltaMixture, _Mixture
+from .model import GMM, DeltaMixture, Mixture
+
+
+def _global_shift(log_z: torch.Tensor, group) -> torch.Tensor:
+    m = log_z.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return safe_shift(m)
 
 
 def merge_partials(out: torch.Tensor, log_z: torch.Tensor, group=None):
     """Exact all-rank merge of per-shard (out [B, ...], log_z [B]); every rank gets the merged pair."""
     B = log_z.shape[0]
-    m = log_z.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    shift = _global_shift(log_z, group)
     e = torch.exp(log_z - shift)  # 0 on a shard with no weight
     packed = torch.cat([(e[:, None] * out.reshape(B, -1).to(e.dtype)), e[:, None]], dim=1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    total = packed[:, -1]
-    merged = packed[:, :-1] / torch.where(total > 0, total, torch.ones_like(total))[:, None]
-    return merged.to(out.dtype).reshape(out.shape), shift + torch.log(total)
+    merged = merge_states(shift[None], packed[None, :, -1], packed[None, :, :-1])
+    return merged.out.to(out.dtype).reshape(out.shape), merged.log_w
 
 
 def _all_sum(t: torch.Tensor, group) -> torch.Tensor:
@@ -49,7 +54,7 @@ class ShardedMixture(nn.Module):
     (not normalized per shard), so uniform weights mean uniform over the union.
     """
 
-    def __init__(self, local: _Mixture, group=None):
+    def __init__(self, local: Mixture, group=None):
         super().__init__()
         if not isinstance(local, (GMM, DeltaMixture)):
             raise TypeError(f"local must be a GMM or DeltaMixture, got {type(local).__name__}")
@@ -88,8 +93,6 @@ class ShardedMixture(nn.Module):
         if not isinstance(self.local, GMM):
             raise TypeError("posterior weights are available for GMM shards only")
         _, log_z, w = self.local.partial(x, sigma, return_weights=True, center=self.center)
-        m = log_z.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-        shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        shift = _global_shift(log_z, self.group)
         total = _all_sum(torch.exp(log_z - shift), self.group)
         return w * (torch.exp(log_z - shift) / total)[:, None]

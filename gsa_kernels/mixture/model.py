@@ -1,8 +1,9 @@
-"""GMM and DeltaMixture: Gaussian mixtures and the training set as nn.Modules (MATH.md section 3).
+"""GMM and DeltaMixture: Gaussian mixtures and the training set as nn.Modules (docs/math.md section 3).
 
 Both take x of shape [B, ...] (prod(...) = d) and sigma as a number or a [B] tensor, and offer
 .denoise, .score, .log_prob, .posterior (GMM) and .forward (everything in one pass). Parameters are
-buffers, so .to() and state_dict() carry them; from_state_dict() rebuilds a model.
+buffers, so .to() and state_dict() carry them; from_state_dict() rebuilds a model. Their values are
+checked once, at construction; a call only checks what the op checks (meta.py, the C++ kernels).
 """
 from __future__ import annotations
 
@@ -12,22 +13,17 @@ import warnings
 import torch
 from torch import nn
 
-from .._validation import FLOAT_DTYPES, PARAM_DTYPES, as_sigma, check_nonneg, check_tensor
-from . import ops
+from .._core.dtypes import compute_dtype
+from .._core.errors import call_op
+from .._validation import PARAM_DTYPES, FLOAT_DTYPES, check_tensor, sigma_arg
+from . import meta, ops
 
 _ROWS_PER_STEP = 1 << 15
+_check_finite_chunked = ops.check_finite_rows  # the name GMM.fit uses
 
 
-def _check_finite_chunked(name: str, t: torch.Tensor) -> None:
-    """isfinite over a large tensor, a slab at a time (no [N, d] boolean temporary)."""
-    flat = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
-    for i in range(0, flat.shape[0], _ROWS_PER_STEP):
-        if not bool(torch.isfinite(flat[i:i + _ROWS_PER_STEP]).all()):
-            raise ValueError(f"{name} has non-finite values (NaN or inf)")
-
-
-class _Mixture(nn.Module):
-    """Shared API; subclasses implement partial() (the raw, unnormalized op outputs)."""
+class Mixture(nn.Module):
+    """Shared API of GMM and DeltaMixture; subclasses implement partial() (the raw, unnormalized op outputs)."""
 
     def partial(self, x, sigma, *, score=False, return_weights=False, center=None):
         """(out, log_z, weights) of this model's components: out is D (or the score), log_z [B] is
@@ -40,14 +36,10 @@ class _Mixture(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return torch.float64 if self.center.dtype == torch.float64 else torch.float32
+        return compute_dtype(self.center)
 
     def _sigma(self, x, sigma):
-        check_tensor("x", x, dtypes=FLOAT_DTYPES)
-        if x.dim() < 2:
-            raise ValueError(f"x must have shape [B, ...] with at least one data dimension, got {tuple(x.shape)}")
-        dt = torch.float64 if x.dtype == torch.float64 else self.compute_dtype
-        return as_sigma("sigma", sigma, x.shape[0], x.device, dtype=dt)
+        return sigma_arg("sigma", sigma, x, dtype=compute_dtype(x, self.center))
 
     def forward(self, x, sigma, *, score=False, return_weights=False) -> ops.MixtureOutput:
         """One pass: denoiser (or score), log p_sigma(x) [B] and optionally posterior weights [B, K]."""
@@ -67,7 +59,7 @@ class _Mixture(nn.Module):
         return self.partial(x, sigma)[1] - self.log_weight_norm()
 
 
-class GMM(_Mixture):
+class GMM(Mixture):
     """Gaussian mixture: log_weights [K] (any normalization), means [K, d], optional low-rank covariances
     bases [K, d, r] (orthonormal columns) with eigvals [K, r] >= 0, and lam_perp [K] >= 0 (variance off
     the span of each basis; None: 0). r = 0 (bases=None) gives isotropic components lam_perp_i I."""
@@ -76,8 +68,6 @@ class GMM(_Mixture):
         super().__init__()
         check_tensor("means", means, ndim=2, dtypes=PARAM_DTYPES)
         K, d = means.shape
-        if K == 0:
-            raise ValueError("means must hold at least one component (K >= 1), got K = 0")
         dt, dev = means.dtype, means.device
         if bases is None:
             if eigvals is not None and eigvals.numel():
@@ -89,15 +79,8 @@ class GMM(_Mixture):
         lam_perp = torch.as_tensor(lam_perp, dtype=dt, device=dev)
         if lam_perp.dim() == 0:
             lam_perp = lam_perp.expand(K)
-        # Shapes (errors name the argument) with a dummy x of the right d.
-        probe = means.new_empty((0, d))
-        ops._check_meta(probe, log_weights, means, bases, eigvals, lam_perp, None)
-        check_tensor("log_weights", log_weights, ndim=1, dtypes=PARAM_DTYPES, device=dev)
-        _check_finite_chunked("means", means)
-        _check_finite_chunked("bases", bases)
-        check_nonneg("eigvals", eigvals)
-        check_nonneg("lam_perp", lam_perp)
-        ops.check_log_weights(log_weights)
+        meta.check_components(log_weights, means, bases, eigvals, lam_perp, dtypes=PARAM_DTYPES)
+        ops.check_values(log_weights, means, bases, eigvals, lam_perp)
         self.register_buffer("log_weights", log_weights.to(dt).contiguous())
         self.register_buffer("means", means.contiguous())
         self.register_buffer("bases", bases.to(dt).contiguous())
@@ -126,11 +109,11 @@ class GMM(_Mixture):
     def partial(self, x, sigma, *, score=False, return_weights=False, center=None):
         s = self._sigma(x, sigma)
         bases, eig = (self.bases, self.eigvals) if self.rank > 0 else (None, None)
-        return torch.ops.gsa.gmm_forward(x, self.log_weights, self.means, bases, eig, self.lam_perp, s,
-                                         self.center if center is None else center, score, return_weights)
+        return call_op(torch.ops.gsa.gmm_forward, x, self.log_weights, self.means, bases, eig, self.lam_perp, s,
+                       self.center if center is None else center, score, return_weights)
 
     def posterior(self, x, sigma) -> torch.Tensor:
-        """Posterior component probabilities w [B, K] (MATH.md 3)."""
+        """Posterior component probabilities w [B, K] (docs/math.md section 3)."""
         return self.partial(x, sigma, return_weights=True)[2]
 
     @classmethod
@@ -173,8 +156,8 @@ class GMM(_Mixture):
         return cls(log_w, mean, basis, eig, lam_perp)
 
 
-class DeltaMixture(_Mixture):
-    """The training set as a mixture of deltas (MATH.md 3): points [N, ...] (float32/float64, or
+class DeltaMixture(Mixture):
+    """The training set as a mixture of deltas (docs/math.md section 3): points [N, ...] (float32/float64, or
     float16/bfloat16 storage to halve memory; accumulation is float32) and optional log-weights [N]
     (None: uniform). Its denoiser is the exact optimal denoiser of the empirical distribution."""
 
@@ -187,17 +170,14 @@ class DeltaMixture(_Mixture):
         if points.shape[0] == 0:
             raise ValueError("points must hold at least one point (N >= 1), got N = 0")
         pts = points.reshape(points.shape[0], -1).contiguous()
-        _check_finite_chunked("points", pts)
+        meta.check_components(log_weights, pts, means_name="points", dtypes=FLOAT_DTYPES)
         if log_weights is not None:
-            check_tensor("log_weights", log_weights, ndim=1, dtypes=PARAM_DTYPES, device=pts.device)
-            if log_weights.shape[0] != pts.shape[0]:
-                raise ValueError(f"log_weights must have shape [N] = [{pts.shape[0]}], got {tuple(log_weights.shape)}")
-            ops.check_log_weights(log_weights)
+            check_tensor("log_weights", log_weights, dtypes=PARAM_DTYPES)
             log_weights = log_weights.contiguous()
+        ops.check_values(log_weights, pts, means_name="points")
         self.register_buffer("points", pts)
         self.register_buffer("log_weights", log_weights)
-        ct = torch.float64 if pts.dtype == torch.float64 else torch.float32
-        self.register_buffer("center", ops.mean_of_rows(pts).to(ct), persistent=False)
+        self.register_buffer("center", ops.mean_of_rows(pts).to(compute_dtype(pts)), persistent=False)
 
     @property
     def n_points(self) -> int:
@@ -217,8 +197,8 @@ class DeltaMixture(_Mixture):
         if return_weights:
             raise ValueError("return_weights: DeltaMixture does not return [B, N] posterior weights")
         s = self._sigma(x, sigma)
-        out, log_z = torch.ops.gsa.delta_mixture_forward(x, self.points, self.log_weights, s,
-                                                         self.center if center is None else center, score)
+        out, log_z = call_op(torch.ops.gsa.delta_mixture_forward, x, self.points, self.log_weights, s,
+                             self.center if center is None else center, score)
         return out, log_z, None
 
     @classmethod

@@ -1,4 +1,4 @@
-"""torch.ops.gsa mixture ops: thin Python wrappers, fake kernels and CUDA (Triton) kernels.
+"""The Python API of the mixture ops: numbers become tensors, then one torch.ops.gsa call.
 
 Schemas (csrc/ops.cpp):
   gsa::gmm_forward(x, log_weights, means, bases?, eigvals?, lam_perp?, sigma, center?, score, return_weights,
@@ -7,11 +7,13 @@ Schemas (csrc/ops.cpp):
 out is the denoiser D(x; sigma) (or the score when score=True) shaped like x and stored in x's dtype;
 log_z [B] = logsumexp_i(log_weights_i + log N_i(x)) with the log-weights as given (unnormalized, so shards
 merge exactly); weights [B, K] are the posterior weights (empty unless return_weights). log_z and weights
-are float64 if any input is float64, else float32. The CPU kernel is C++ (csrc/mixture_cpu.cpp); the CUDA
-kernel is Triton (triton_mixture.py). No autograd: the ops are forward-only.
+are in the compute dtype (_core/dtypes.py). The CPU kernel is C++; the CUDA kernel is Triton
+(cuda.py, triton_mixture.py); meta.py checks the arguments of both the fake and the CUDA kernels. No
+autograd: the ops are forward-only.
 
-The Python API below validates (errors name the argument), normalizes the log-weights for log_prob, and
-turns numbers into sigma tensors.
+The raw ops check their own arguments; their errors reach the caller as TypeError / ValueError naming the
+argument (_core/errors.py). Values of GPU tensors are read only on request (check_values=True, or
+check_values() once: the models do it at construction).
 """
 from __future__ import annotations
 
@@ -20,75 +22,20 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _library, config
-from .._validation import FLOAT_DTYPES, _reading_values_is_free, as_sigma, check_nonneg, check_tensor
+from .. import _library
+from .._core.dtypes import compute_dtype
+from .._core.errors import call_op
+from .._validation import check_nonneg, sigma_arg, values_readable
 
 _library.load_library()
 
-try:  # Triton is optional on CPU-only installs.
-    from . import triton_mixture
-except ImportError:  # pragma: no cover
-    triton_mixture = None
+_ROWS_PER_STEP = 1 << 15
 
 
 class MixtureOutput(NamedTuple):
     out: torch.Tensor          # denoiser or score, shaped like x
     log_prob: torch.Tensor     # log p_sigma(x) [B] (log-weights normalized)
     weights: torch.Tensor | None  # posterior weights [B, K] when asked for
-
-
-# ----------------------------------------------------------------------------------------------
-# Metadata checks shared by the wrappers, the fake kernels and the CUDA kernels (no data reads).
-def _check_meta(x, log_weights, means, bases, eigvals, lam_perp, center, means_name="means"):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape [B, ...] with at least one data dimension, got {tuple(x.shape)}")
-    d = math.prod(x.shape[1:])
-    check_tensor(means_name, means, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    if means.shape[1] != d:
-        raise ValueError(f"{means_name} must have shape [K, d] with d = {d} (from x of shape {tuple(x.shape)}), "
-                         f"got {tuple(means.shape)}")
-    K = means.shape[0]
-    if K == 0:
-        raise ValueError(f"{means_name} must hold at least one component (K >= 1), got K = 0")
-    if log_weights is not None:
-        check_tensor("log_weights", log_weights, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
-        if log_weights.shape[0] != K:
-            raise ValueError(f"log_weights must have shape [K] = [{K}], got {tuple(log_weights.shape)}")
-    if (bases is None) != (eigvals is None):
-        missing, given = ("eigvals", "bases") if bases is not None else ("bases", "eigvals")
-        raise ValueError(f"{missing} must be given with {given}")
-    r = 0
-    if bases is not None:
-        check_tensor("bases", bases, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
-        if bases.shape[0] != K or bases.shape[1] != d:
-            raise ValueError(f"bases must have shape [K, d, r] = [{K}, {d}, r], got {tuple(bases.shape)}")
-        r = bases.shape[2]
-        if r > d:
-            raise ValueError(f"bases must have r <= d = {d}, got r = {r}")
-        check_tensor("eigvals", eigvals, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-        if tuple(eigvals.shape) != (K, r):
-            raise ValueError(f"eigvals must have shape [K, r] = [{K}, {r}], got {tuple(eigvals.shape)}")
-    if lam_perp is not None:
-        check_tensor("lam_perp", lam_perp, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
-        if lam_perp.shape[0] != K:
-            raise ValueError(f"lam_perp must have shape [K] = [{K}], got {tuple(lam_perp.shape)}")
-    if center is not None:
-        check_tensor("center", center, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
-        if center.shape[0] != d:
-            raise ValueError(f"center must have shape [d] = [{d}], got {tuple(center.shape)}")
-    return x.shape[0], d, K, r
-
-
-def _check_sigma_meta(sigma, x):
-    check_tensor("sigma", sigma, dtypes=FLOAT_DTYPES, device=x.device)
-    if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] not in (1, x.shape[0])):
-        raise ValueError(f"sigma must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(sigma.shape)}")
-
-
-def compute_dtype(*ts) -> torch.dtype:
-    """float64 if any (present) input is float64, else float32: the dtype of log_z and the weights."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def mean_of_rows(t: torch.Tensor, rows_per_step: int = 1 << 16) -> torch.Tensor:
@@ -100,69 +47,41 @@ def mean_of_rows(t: torch.Tensor, rows_per_step: int = 1 << 16) -> torch.Tensor:
     return total / max(t.shape[0], 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Fake kernels (shape propagation for torch.compile / meta tensors).
-@torch.library.register_fake("gsa::gmm_forward")
-def _gmm_fake(x, log_weights, means, bases, eigvals, lam_perp, sigma, center=None, score=False,
-              return_weights=False, chunk_size=0):
-    B, _, K, _ = _check_meta(x, log_weights, means, bases, eigvals, lam_perp, center)
-    _check_sigma_meta(sigma, x)
-    ct = compute_dtype(x, log_weights, means, bases, eigvals, lam_perp)
-    return (x.new_empty(x.shape), x.new_empty((B,), dtype=ct),
-            x.new_empty((B, K) if return_weights else (0,), dtype=ct))
-
-
-@torch.library.register_fake("gsa::delta_mixture_forward")
-def _delta_fake(x, points, log_weights, sigma, center=None, score=False, chunk_size=0):
-    B, _, _, _ = _check_meta(x, log_weights, points, None, None, None, center, "points")
-    _check_sigma_meta(sigma, x)
-    return x.new_empty(x.shape), x.new_empty((B,), dtype=compute_dtype(x, log_weights, points))
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA kernels (Triton; float64 inputs run the same kernels in float64).
-def _need_triton():
-    if triton_mixture is None:
-        raise RuntimeError("gsa mixture ops on CUDA need triton (pip install triton)")
-
-
-def _gmm_cuda(x, log_weights, means, bases, eigvals, lam_perp, sigma, center=None, score=False,
-              return_weights=False, chunk_size=0):
-    B, d, _, r = _check_meta(x, log_weights, means, bases, eigvals, lam_perp, center)
-    _check_sigma_meta(sigma, x)
-    _need_triton()
-    ctr = center if center is not None else mean_of_rows(means)
-    out, log_z, w = triton_mixture.gmm_forward(
-        x.reshape(B, d), log_weights, means, bases if r > 0 else None, eigvals if r > 0 else None, lam_perp, ctr,
-        sigma, score=score, return_weights=return_weights, precision=config.get_precision())
-    return out.to(x.dtype).reshape(x.shape), log_z, w
-
-
-def _delta_cuda(x, points, log_weights, sigma, center=None, score=False, chunk_size=0):
-    B, d, _, _ = _check_meta(x, log_weights, points, None, None, None, center, "points")
-    _check_sigma_meta(sigma, x)
-    _need_triton()
-    ctr = center if center is not None else mean_of_rows(points)
-    out, log_z = triton_mixture.delta_mixture_forward(x.reshape(B, d), points, log_weights, ctr, sigma, score=score,
-                                                      precision=config.get_precision())
-    return out.to(x.dtype).reshape(x.shape), log_z
-
-
-torch.library.register_kernel("gsa::gmm_forward", "cuda")(_gmm_cuda)
-torch.library.register_kernel("gsa::delta_mixture_forward", "cuda")(_delta_cuda)
-
-
-# ----------------------------------------------------------------------------------------------
-# Python API.
-def check_log_weights(log_weights: torch.Tensor | None) -> None:
-    if log_weights is None or not log_weights.numel() or not _reading_values_is_free(log_weights):
+def check_finite_rows(name: str, t: torch.Tensor) -> None:
+    """isfinite over a large tensor, a slab of rows at a time (no [N, d] boolean temporary)."""
+    if not t.numel() or not values_readable(t):
         return
-    if bool(torch.isnan(log_weights).any()):
+    flat = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    for i in range(0, flat.shape[0], _ROWS_PER_STEP):
+        if not bool(torch.isfinite(flat[i:i + _ROWS_PER_STEP]).all()):
+            raise ValueError(f"{name} has non-finite values (NaN or inf)")
+
+
+def check_log_weights(log_weights: torch.Tensor | None) -> None:
+    """No NaN, no +inf, not -inf everywhere: one reduction (the max is NaN, +inf or -inf exactly then)."""
+    if log_weights is None or not log_weights.numel() or not values_readable(log_weights):
+        return
+    top = float(log_weights.max())
+    if math.isnan(top):
         raise ValueError("log_weights has NaN values")
-    if bool(torch.isposinf(log_weights).any()):
+    if top == math.inf:
         raise ValueError("log_weights has +inf values")
-    if bool(torch.isneginf(log_weights).all()):
+    if top == -math.inf:
         raise ValueError("log_weights is -inf everywhere: at least one component must have positive weight")
+
+
+def check_values(log_weights=None, means=None, bases=None, eigvals=None, lam_perp=None, *,
+                 means_name: str = "means") -> None:
+    """ValueError naming the first component parameter with a bad value: finite means and bases, eigvals
+    and lam_perp finite and >= 0, valid log-weights. Reads the data (a device sync on GPU), unless
+    config.validation is off."""
+    for name, t in ((means_name, means), ("bases", bases)):
+        if t is not None:
+            check_finite_rows(name, t)
+    for name, t in (("eigvals", eigvals), ("lam_perp", lam_perp)):
+        if t is not None:
+            check_nonneg(name, t)
+    check_log_weights(log_weights)
 
 
 def log_weight_norm(log_weights: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | float:
@@ -172,8 +91,13 @@ def log_weight_norm(log_weights: torch.Tensor | None, n: int, dtype: torch.dtype
     return torch.logsumexp(log_weights.to(dtype), dim=0)
 
 
+def _on_request(check, x, **params):
+    if check and isinstance(x, torch.Tensor) and x.device.type != "cpu":  # the CPU op checks values itself
+        check_values(**params)
+
+
 def gmm_forward(x, log_weights, means, bases=None, eigvals=None, lam_perp=None, sigma=None, *, score=False,
-                return_weights=False, center=None) -> MixtureOutput:
+                return_weights=False, center=None, check_values: bool = False) -> MixtureOutput:
     """GMM denoiser (score=False) or score, log p_sigma(x) and optionally the posterior weights, in one pass.
 
     log_weights [K] (any normalization; -inf allowed for some), means [K, d], bases [K, d, r] orthonormal
@@ -182,22 +106,16 @@ def gmm_forward(x, log_weights, means, bases=None, eigvals=None, lam_perp=None, 
     """
     if sigma is None:
         raise TypeError("sigma is required")
-    _check_meta(x, log_weights, means, bases, eigvals, lam_perp, center)
-    check_tensor("log_weights", log_weights, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
-    check_log_weights(log_weights)
-    if eigvals is not None:
-        check_nonneg("eigvals", eigvals)
-    if lam_perp is not None:
-        check_nonneg("lam_perp", lam_perp)
+    _on_request(check_values, x, log_weights=log_weights, eigvals=eigvals, lam_perp=lam_perp)
     ct = compute_dtype(x, log_weights, means, bases, eigvals, lam_perp)
-    s = as_sigma("sigma", sigma, x.shape[0], x.device, dtype=ct)
-    out, log_z, w = torch.ops.gsa.gmm_forward(x, log_weights, means, bases, eigvals, lam_perp, s, center,
-                                              score, return_weights)
+    s = sigma_arg("sigma", sigma, x, dtype=ct, check_values=check_values)
+    out, log_z, w = call_op(torch.ops.gsa.gmm_forward, x, log_weights, means, bases, eigvals, lam_perp, s, center,
+                            score, return_weights)
     return MixtureOutput(out, log_z - log_weight_norm(log_weights, means.shape[0], ct), w if return_weights else None)
 
 
 def gmm_denoise(x, log_weights, means, bases, eigvals, lam_perp, sigma) -> torch.Tensor:
-    """GMM posterior mean D(x; sigma) = E[x0 | x] (MATH.md 3)."""
+    """GMM posterior mean D(x; sigma) = E[x0 | x] (docs/math.md section 3)."""
     return gmm_forward(x, log_weights, means, bases, eigvals, lam_perp, sigma).out
 
 
@@ -211,7 +129,8 @@ def gmm_log_prob(x, log_weights, means, bases, eigvals, lam_perp, sigma) -> torc
     return gmm_forward(x, log_weights, means, bases, eigvals, lam_perp, sigma).log_prob
 
 
-def delta_mixture_forward(x, points, log_weights=None, sigma=None, *, score=False, center=None) -> MixtureOutput:
+def delta_mixture_forward(x, points, log_weights=None, sigma=None, *, score=False, center=None,
+                          check_values: bool = False) -> MixtureOutput:
     """Training-set ("delta mixture") denoiser or score and log p_sigma(x) in one pass.
 
     points [N, d] (float32/float64, or float16/bfloat16 storage; accumulation is float32), log_weights [N]
@@ -219,11 +138,10 @@ def delta_mixture_forward(x, points, log_weights=None, sigma=None, *, score=Fals
     """
     if sigma is None:
         raise TypeError("sigma is required")
-    _check_meta(x, log_weights, points, None, None, None, center, "points")
-    check_log_weights(log_weights)
+    _on_request(check_values, x, log_weights=log_weights)
     ct = compute_dtype(x, log_weights, points)
-    s = as_sigma("sigma", sigma, x.shape[0], x.device, dtype=ct)
-    out, log_z = torch.ops.gsa.delta_mixture_forward(x, points, log_weights, s, center, score)
+    s = sigma_arg("sigma", sigma, x, dtype=ct, check_values=check_values)
+    out, log_z = call_op(torch.ops.gsa.delta_mixture_forward, x, points, log_weights, s, center, score)
     return MixtureOutput(out, log_z - log_weight_norm(log_weights, points.shape[0], ct), None)
 
 

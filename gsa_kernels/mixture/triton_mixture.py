@@ -1,4 +1,7 @@
-"""Triton kernels of the mixture ops (MATH.md section 3): streaming log-sum-exp over points/components.
+"""Triton kernels of the mixture ops (docs/math.md section 3): streaming log-sum-exp over points/components.
+
+(Above 400 lines on purpose: the two kernels share their device helpers, tile tables and the numerics
+notes below; split apart, a kernel would lose the notes its clamps depend on.)
 
 Two kernels, both "split-K over components + online softmax" (flash-decoding style):
 
@@ -18,7 +21,7 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
   recomputes the dots once per slice; storing the logits [B, N] breaks the memory bound. Logits are never
   stored. The points are read once per row tile; splitting them over S programs per row tile keeps the GPU
   busy for small B, and a small PyTorch epilogue merges the S partial states exactly
-  (M = max_s m_s, W = sum_s l_s e^{m_s - M}, acc = sum_s e^{m_s - M} acc_s). Extra memory:
+  (gsa_kernels._core.lse.merge_states). Extra memory:
   S B d + 2 S B floats, with S <= ~2 programs per SM and S B d <= 2^25 (128 MiB).
 
 * ``_gmm_partial_kernel`` (GMM, K components, optional rank-r bases). A program streams over its range of
@@ -31,7 +34,7 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
   score as (D - x) / sigma^2 (cancels at small sigma). Optionally the logits are stored [B, K] for the
   posterior weights.
 
-Numerics (MATH.md 3.1): x and the points are centred on ``ctr`` (the mean of the points) inside the
+Numerics (docs/math.md section 3.1): x and the points are centred on ``ctr`` (the mean of the points) inside the
 operand loads, so the expansion loses eps (||x - ctr||^2 + ||x_i - ctr||^2) rather than
 eps (||x||^2 + ||x_i||^2) before the division by 2 sigma^2; the score's differences mu_i - x are
 formed as (mu_i - ctr) - (x - ctr), so their cancellation is relative to the spread of the data,
@@ -41,7 +44,7 @@ float32 (any storage type of x/points; half points halve the traffic) or float64
 ``tl.dot`` then runs in float64, "ieee").
 
 Everything here also runs under TRITON_INTERPRET=1 on CPU tensors (CI); the interpreter ignores
-input_precision, so TF32 errors are only seen on a GPU. tests/test_mixture_compile.py compiles the
+input_precision, so TF32 errors are only seen on a GPU. gsa_kernels.triton_aot compiles the
 launch configurations for sm_90 without a GPU (no register spills at the chosen tiles).
 """
 from __future__ import annotations
@@ -51,6 +54,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .._core.dtypes import compute_dtype
+from .._core.lse import merge_states
 
 LOG2PI = math.log(2 * math.pi)
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -194,7 +200,7 @@ def _gmm_partial_kernel(
             mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
             xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
             q += tl.sum(xc * xc, axis=1)
-        # log N_k (MATH.md 3) with clamped variances (s2 is clamped to [FLT_MIN, FLT_MAX] by the launcher);
+        # log N_k (docs/math.md section 3) with clamped variances (s2 is clamped to [FLT_MIN, FLT_MAX] by the launcher);
         # log det C_k(sigma) is taken relative to sigma^2 I (log1p(lam / s^2)), so the logits stay O(1) at
         # large sigma; the row constant -d/2 log(2 pi sigma^2) is added in the epilogue.
         if HAS_LP:
@@ -293,10 +299,6 @@ def _gmm_partial_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launchers.
-def _acc_dtype(*ts) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 def _tl_dtype(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
@@ -323,26 +325,6 @@ def _num_splits(device: torch.device, row_blocks: int, max_splits: int, batch: i
     return int(max(1, min(want, max_splits, cap)))
 
 
-def _merge(m, l, acc, x_sum, xr):
-    """Exact merge of S partial states (m_s, l_s, acc_s, x_s) [S, B(, d)]:
-    M = max_s m_s, e_s = e^{m_s - M}, W = sum_s e_s l_s,
-    out = (sum_s e_s acc_s + (sum_s e_s x_s)(x - ctr)) / W   (x_sum None: no x term);
-    returns (out [B, d], M [B] (0 where -inf), 1 / W [B] (0 where W = 0))."""
-    big = m.max(dim=0).values
-    shift = torch.where(torch.isneginf(big), torch.zeros_like(big), big)
-    e = torch.exp(m - shift)                                     # [S, B]; 0 for a split with no weight
-    w = (e * l).sum(0)                                           # [B]
-    num = torch.einsum("sb,sbd->bd", e, acc)
-    if x_sum is not None:
-        num = num + (e * x_sum).sum(0)[:, None] * xr
-    inv_w = torch.where(w > 0, 1.0 / w, torch.zeros_like(w))
-    return num * inv_w[:, None], shift, inv_w
-
-
-def _log_w(shift, inv_w):
-    return shift - torch.log(inv_w)  # log W (-inf where W = 0)
-
-
 def clamped_sigma_sq(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
     return (sigma.to(dtype).reshape(-1).expand(batch) ** 2).clamp(FLT_MIN, FLT_MAX).contiguous()
 
@@ -356,7 +338,7 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
     Returns (out [B, d] in the accumulation dtype, centred frame added back; log_z [B]) with
     log_z = logsumexp_i(log_weights_i - ||x - x_i||^2 / (2 sigma^2)) - d/2 log(2 pi sigma^2).
     """
-    acc_dt = _acc_dtype(x2, points, log_weights)
+    acc_dt = compute_dtype(x2, points, log_weights)
     x2, points, center = x2.contiguous(), points.contiguous(), center.to(acc_dt).contiguous()
     B, D = x2.shape
     N = points.shape[0]
@@ -382,9 +364,9 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
             BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
     xr = x2.to(acc_dt) - center
     # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2).
-    centred, shift, inv_w = _merge(m, l, acc, -l if score else None, xr)
-    out = centred / s2[:, None] if score else centred + center
-    return out, _log_w(shift, inv_w) - 0.5 * D * torch.log(2 * math.pi * s2)
+    merged = merge_states(m, l, acc, -l if score else None, xr)
+    out = merged.out / s2[:, None] if score else merged.out + center
+    return out, merged.log_w - 0.5 * D * torch.log(2 * math.pi * s2)
 
 
 def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, bases: torch.Tensor | None,
@@ -396,7 +378,7 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
 
     Any rank r: the modes are processed in slices of BLOCK_R <= max_block_r with c = U_k^T (x - mu_k) kept
     in a [S, B, r] scratch between the two passes over d."""
-    acc_dt = _acc_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
+    acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
     x2, means, center = x2.contiguous(), means.contiguous(), center.to(acc_dt).contiguous()
     B, D = x2.shape
     K = means.shape[0]
@@ -429,11 +411,12 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
             SCORE=score, PRECISION=prec, ACC=_tl_dtype(acc_dt), BLOCK_B=bb, BLOCK_D=bd, BLOCK_R=block_r,
             num_warps=warps)
     xr = x2.to(acc_dt) - center
-    centred, shift, inv_w = _merge(m, l, acc, x_sum, xr)
-    out = centred if score else centred + center
+    merged = merge_states(m, l, acc, x_sum, xr)
+    out = merged.out if score else merged.out + center
     # exp(logit - M) / W rather than exp(logit - log_z): M is one of the logits (exact difference).
-    weights = torch.exp(logits - shift[:, None]) * inv_w[:, None] if return_weights else logits.new_empty((0,))
-    return out, _log_w(shift, inv_w) - 0.5 * D * (LOG2PI + torch.log(s2)), weights
+    weights = (torch.exp(logits - merged.shift[:, None]) * merged.inv_w[:, None] if return_weights
+               else logits.new_empty((0,)))
+    return out, merged.log_w - 0.5 * D * (LOG2PI + torch.log(s2)), weights
 
 
 def aot_cases():

@@ -1,7 +1,7 @@
 """Adapters: networks of other parameterisations as denoisers denoiser(x_ve, sigma) -> x0_hat.
 
 - `VPDenoiser` wraps a discrete-time VP network (DDPM/DDIM/Stable Diffusion; e.g. a diffusers UNet2DModel,
-  called as unet(x_vp, t).sample) predicting eps, v or x0. With abar = 1 / (1 + sigma^2) (MATH.md 1):
+  called as unet(x_vp, t).sample) predicting eps, v or x0. With abar = 1 / (1 + sigma^2) (docs/math.md section 1):
   x_vp = sqrt(abar) x_ve, the timestep t is interpolated from sigma on the training schedule, and
       eps:  x0 = x_ve - sigma * eps
       v:    x0 = sqrt(abar) x_vp - sqrt(1 - abar) v
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import frames
 from . import schedules
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -32,10 +33,6 @@ def network_output(out) -> torch.Tensor:
         return out[0]
     raise TypeError(f"the network returned {type(out).__name__}; expected a tensor, an object with a .sample "
                     f"tensor, or a tuple whose first entry is a tensor")
-
-
-def _column(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
 
 
 class VPDenoiser(nn.Module):
@@ -56,7 +53,7 @@ class VPDenoiser(nn.Module):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.model = model
-        abar = schedules._check_alphas_cumprod(torch.as_tensor(alphas_cumprod)).detach().to(torch.float64)
+        abar = schedules.check_alphas_cumprod(torch.as_tensor(alphas_cumprod)).detach().to(torch.float64)
         self.register_buffer("alphas_cumprod", abar, persistent=False)
         self.prediction_type = prediction_type
         self.quantize = quantize
@@ -76,9 +73,9 @@ class VPDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **model_kwargs) -> torch.Tensor:
         sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
-        s = _column(sigma, x)
-        c_in = torch.rsqrt(1 + s * s)  # sqrt(abar)
-        x_vp = x * c_in
+        s = frames.per_sample(sigma, x)
+        c_in = frames.scale_from_sigma("vp", s)  # sqrt(abar)
+        x_vp = frames.from_ve(x, c_in)
         out = network_output(self.model(x_vp, self.timestep(sigma), **model_kwargs))
         if self.learned_variance:
             out = out[:, : x.shape[1]]
@@ -107,8 +104,7 @@ class FlowDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **model_kwargs) -> torch.Tensor:
         sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
-        t = sigma / (1 + sigma)
-        tc = _column(t, x)
-        x_flow = x * (1 - tc)
+        t = frames.t_from_sigma(sigma)
+        x_flow = frames.from_ve(x, frames.scale_from_sigma("flow", sigma))
         v = network_output(self.model(x_flow, t * self.num_train_timesteps, **model_kwargs)).to(x.dtype)
-        return x_flow - tc * v
+        return x_flow - frames.per_sample(t, x) * v

@@ -2,7 +2,7 @@
 
 A batch whose samples belong to different classes teleports (or denoises) with each sample's own
 Gaussian: mean, basis and eigenvalues are gathered per sample and applied with batched matmuls
-(MATH.md 2.1: mu + f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) * U^T (x - mu)]). There is no host
+(docs/math.md section 2.1: mu + f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) * U^T (x - mu)]). There is no host
 synchronisation (labels are never read on the host), so the call is CUDA-graph capturable; the gathered
 bases are materialised in chunks of at most `max_gather_elements` numbers to bound memory.
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._core.dtypes import compute_dtype
 from .._validation import as_sigma, check_nonneg, check_tensor
-from ..gaussian.reference import f_denoise as _f_denoise, f_score as _f_score, f_teleport as _f_teleport
+from ..gaussian.map_kind import DENOISE, SCORE, TELEPORT
+from ..gaussian.maps import apply_map
 
 
 class GaussianFamily(nn.Module):
@@ -100,8 +102,8 @@ class GaussianFamily(nn.Module):
                 ((labels >= 0) & (labels < self.num_classes)).all()):
             raise ValueError(f"labels must lie in [0, {self.num_classes})")
 
-    def _map(self, x, labels, f, add_mean: bool, *sq_sigmas):
-        ct = torch.float64 if torch.float64 in (x.dtype, self.means.dtype) else torch.float32
+    def _map(self, x, labels, kind, *sigmas):
+        ct = compute_dtype(x, self.means)
         d, r = self.dim, self.bases.shape[2]
         x2 = x.reshape(x.shape[0], d).to(ct)
         out = torch.empty_like(x2)
@@ -109,33 +111,29 @@ class GaussianFamily(nn.Module):
         for start in range(0, x.shape[0], chunk):
             sl = slice(start, start + chunk)
             lab = labels[sl].long()
-            mu, u = self.means[lab].to(ct), self.bases[lab].to(ct)           # [b, d], [b, d, r]
-            sq = [s[sl].to(ct).unsqueeze(1) for s in sq_sigmas]             # [b, 1] each
-            f_modes = f(self.eigvals[lab].to(ct), *sq)                     # [b, r]
-            f_perp = f(self.lam_perp[lab].to(ct).unsqueeze(1), *sq)       # [b, 1]
-            xc = x2[sl] - mu
-            c = torch.bmm(xc.unsqueeze(1), u).squeeze(1)                   # U^T (x - mu)
-            y = f_perp * xc + torch.bmm(u, ((f_modes - f_perp) * c).unsqueeze(2)).squeeze(2)
-            out[sl] = y + mu if add_mean else y
+            # Zero-padded classes are not full rank even where r = d: keep the f(lam_perp) terms.
+            out[sl] = apply_map(kind, x2[sl], self.means[lab].to(ct), self.bases[lab].to(ct),
+                                self.eigvals[lab].to(ct), self.lam_perp[lab].to(ct),
+                                *(s[sl].to(ct) for s in sigmas), full_rank=False)
         return out.to(x.dtype).reshape(x.shape)
 
-    def _sigma_sq(self, name, sigma, x, allow_zero=False):
-        return as_sigma(name, sigma, x.shape[0], x.device, dtype=torch.float64, allow_zero=allow_zero) ** 2
+    def _sigma(self, name, sigma, x, allow_zero=False):
+        return as_sigma(name, sigma, x.shape[0], x.device, dtype=torch.float64, allow_zero=allow_zero)
 
     def denoise(self, x: torch.Tensor, sigma, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample Gaussian denoiser D_{labels[b]}(x_b; sigma_b)."""
         self._check(x, labels)
-        return self._map(x, labels, _f_denoise, True, self._sigma_sq("sigma", sigma, x))
+        return self._map(x, labels, DENOISE, self._sigma("sigma", sigma, x))
 
     def score(self, x: torch.Tensor, sigma, labels: torch.Tensor) -> torch.Tensor:
         self._check(x, labels)
-        return self._map(x, labels, _f_score, False, self._sigma_sq("sigma", sigma, x))
+        return self._map(x, labels, SCORE, self._sigma("sigma", sigma, x))
 
     def teleport(self, x: torch.Tensor, sigma_from, sigma_to, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample exact PF-ODE solution of each sample's class Gaussian from sigma_from to sigma_to."""
         self._check(x, labels)
-        return self._map(x, labels, _f_teleport, True, self._sigma_sq("sigma_from", sigma_from, x),
-                           self._sigma_sq("sigma_to", sigma_to, x, allow_zero=True))
+        return self._map(x, labels, TELEPORT, self._sigma("sigma_from", sigma_from, x),
+                         self._sigma("sigma_to", sigma_to, x, allow_zero=True))
 
     def for_labels(self, labels: torch.Tensor) -> "LabeledGaussians":
         """Bind labels: the result has .teleport(x, s0, s1) / .denoise(x, sigma) / .score and can be passed as

@@ -1,11 +1,11 @@
-"""The hybrid sampler's two decisions (MATH.md section 4): where to teleport to, and the teleport itself.
+"""The hybrid sampler's two decisions (docs/math.md section 4): where to teleport to, and the teleport itself.
 
 - `resolve_skip` turns skip=k or a target sigma_skip into the index k of the schedule the sampler starts at.
 - `teleport_start` draws nothing: it maps x_init = sigmas[0] * noise to sigmas[k] with the Gaussian's
   closed-form PF-ODE solution (one fused op).
 - `choose_sigma_skip` picks sigma_skip from the models: the lowest noise level down to which the Gaussian's
   denoiser explains the reference denoiser (a GMM or training-set model fitted to the same data, or the
-  network itself) to within `tol` of explained variance (MATH.md section 5).
+  network itself) to within `tol` of explained variance (docs/math.md section 5).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+
+from .._core.denoiser import as_denoiser
 
 
 def resolve_skip(sig: list, skip: int = 0, sigma_skip=None, gaussian=None) -> int:
@@ -57,21 +59,11 @@ def teleport_start(gaussian, noise: torch.Tensor, sig: list, k: int) -> torch.Te
     return gaussian.teleport(x, sig[0], sig[k]).to(noise.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-def _denoise_fn(model):
-    fn = getattr(model, "denoise", None)
-    if callable(fn):
-        return fn
-    if callable(model):
-        return model
-    raise TypeError(f"models must be denoisers (callable or with .denoise), got {type(model).__name__}")
-
-
 @torch.no_grad()
 def pooled_explained_variance(model, reference, data: torch.Tensor, sigmas, n_noise: int = 1, generator=None,
                               batch_size: int = 1024) -> torch.Tensor:
     """EV(sigma) = 1 - sum ||s_ref - s_model||^2 / sum ||s_ref||^2 of the scores s = (D(x) - x) / sigma^2 at
-    x = data + sigma * eps (MATH.md section 5), for each sigma in `sigmas`; float64 [len(sigmas)].
+    x = data + sigma * eps (docs/math.md section 5), for each sigma in `sigmas`; float64 [len(sigmas)].
 
     Pooled over the batch (a ratio of sums), which is what the sigma_skip chooser needs: one number per
     sigma, dominated by the samples with large scores. The papers' per-sample average of the ratio, with
@@ -79,7 +71,7 @@ def pooled_explained_variance(model, reference, data: torch.Tensor, sigmas, n_no
 
     The score form weighs denoiser errors against the PF-ODE velocity (x - D) / sigma, so EV near 1 means
     the two ODEs (and so their trajectories) agree at that noise level."""
-    d_model, d_ref = _denoise_fn(model), _denoise_fn(reference)
+    d_model, d_ref = as_denoiser(model, "model"), as_denoiser(reference, "reference")
     if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] < 1:
         raise ValueError("data must be a tensor [N, ...] of clean samples")
     sig = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]

@@ -1,4 +1,4 @@
-"""Probability-flow samplers on the k-diffusion convention, with analytical teleportation (MATH.md section 4).
+"""Probability-flow samplers on the k-diffusion convention, with analytical teleportation (docs/math.md section 4).
 
 A denoiser is a callable `denoiser(x, sigma) -> x0_hat` with x in the VE frame (x = x0 + sigma * eps) and
 sigma a [B] tensor; any object with a `.denoise(x, sigma)` method (GaussianModel, GMM, DeltaMixture) is
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from .._core.denoiser import as_denoiser
+from .._core.dtypes import compute_dtype
 from . import hybrid
 
 METHODS = ("euler", "heun", "ddim", "dpmpp_2m", "unipc")
@@ -39,17 +41,6 @@ class SampleResult:
     x: torch.Tensor
     n_evals: int
     sigma_start: float
-
-
-def as_denoiser(model) -> Callable:
-    """`model.denoise` for the package's data models, the callable itself otherwise."""
-    denoise = getattr(model, "denoise", None)
-    if callable(denoise):
-        return denoise
-    if callable(model):
-        return model
-    raise TypeError(f"denoiser must be a callable denoiser(x, sigma) -> x0_hat or have a .denoise method, "
-                    f"got {type(model).__name__}")
 
 
 def schedule_to_host(sigmas, name: str = "sigmas") -> list[float]:
@@ -82,8 +73,7 @@ class _Evaluator:
         self.n_evals = 0
 
     def __call__(self, x: torch.Tensor, sigma: float, i: int) -> torch.Tensor:
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        denoised = self.denoiser(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device))
+        denoised = self.denoiser(x, torch.full((x.shape[0],), sigma, dtype=compute_dtype(x), device=x.device))
         self.n_evals += 1
         if self.callback is not None:
             self.callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})

@@ -1,4 +1,4 @@
-"""Noise schedules as VE sigmas (MATH.md section 1): EDM/Karras, discrete VP (DDPM/DDIM timesteps), and
+"""Noise schedules as VE sigmas (docs/math.md section 1): EDM/Karras, discrete VP (DDPM/DDIM timesteps), and
 rectified flow. Every schedule is a descending [N + 1] tensor of VE noise levels for an N-step sampler;
 the conversions to and from the VP and flow frames are those of `gsa_kernels.frames`.
 
@@ -39,7 +39,7 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
                   dtype=torch.float32) -> torch.Tensor:
     """EDM schedule (Karras et al. 2022): n levels linear in sigma^(1/rho) from sigma_max to sigma_min, then 0.
 
-    Returns [n + 1]. Its tail sigmas[k:] is again a Karras schedule (MATH.md section 4).
+    Returns [n + 1]. Its tail sigmas[k:] is again a Karras schedule (docs/math.md section 4).
     """
     n = _check_steps(n)
     sigma_min, sigma_max, rho = (_check_positive(k, v) for k, v in
@@ -64,7 +64,7 @@ def exponential_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0
 
 # ---------------------------------------------------------------------------------------------
 # Discrete VP (DDPM / DDIM) schedules.
-def _check_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
+def check_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
     if not isinstance(alphas_cumprod, torch.Tensor):
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() < 2:
@@ -79,7 +79,7 @@ def _check_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
 
 def vp_train_sigmas(alphas_cumprod) -> torch.Tensor:
     """VE sigma of every training timestep, sqrt((1 - abar_t) / abar_t), increasing in t; [T]."""
-    return frames.vp_sigma(_check_alphas_cumprod(alphas_cumprod))
+    return frames.vp_sigma(check_alphas_cumprod(alphas_cumprod))
 
 
 def linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,

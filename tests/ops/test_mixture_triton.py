@@ -10,8 +10,7 @@ import torch
 
 import gsa_kernels
 from gsa_kernels.mixture import reference as R
-from conftest import SIGMAS, rel_err, requires_cuda
-from test_mixture_ops import F32_DENOISE_TOL, close_points, gen, queries, random_gmm
+from helpers import F32_DENOISE_TOL, SIGMAS, close_points, gen, queries, random_gmm, rel_err, requires_cuda
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="covered by the CUDA tests")
@@ -114,17 +113,17 @@ def test_triton_gmm_matches_reference(r, with_lam_perp):
 @interpreter_only
 def test_registered_cuda_wrappers_run_under_the_interpreter():
     """The Python functions registered for the CUDA dispatch key (centre, reshape, dtype) on CPU tensors."""
-    from gsa_kernels.mixture import ops
+    from gsa_kernels.mixture import cuda
 
     pts = close_points(40, 12)
     x = queries(pts, 3, 0.1).float().reshape(3, 3, 4)
     s = torch.full((3,), 0.1)
-    out, log_z = ops._delta_cuda(x, pts.float(), None, s)
+    out, log_z = cuda.delta_mixture_forward_cuda(x, pts.float(), None, s)
     assert out.shape == x.shape and out.dtype == torch.float32
     want = R.delta_mixture_denoise(x.double().reshape(3, 12), pts, None, 0.1)
     assert rel_err(out.reshape(3, 12), want) < F32_DENOISE_TOL
     lw, means, bases, eig, lp = [None if t is None else t.float() for t in random_gmm(3, 12, 2)]
-    out, log_z, w = ops._gmm_cuda(x, lw, means, bases, eig, lp, s, return_weights=True)
+    out, log_z, w = cuda.gmm_forward_cuda(x, lw, means, bases, eig, lp, s, return_weights=True)
     want = R.gmm_denoise(x.double().reshape(3, 12), *[t.double() for t in (lw, means, bases, eig, lp)], 0.1)
     assert rel_err(out.reshape(3, 12), want) < F32_DENOISE_TOL and w.shape == (3, 3)
 

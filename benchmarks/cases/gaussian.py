@@ -1,4 +1,4 @@
-"""Gaussian ops (MATH.md 2.1): teleport, denoise, score.
+"""Gaussian ops (docs/math.md section 2.1): teleport, denoise, score.
 
 Backends: the package op (GaussianModel methods), the float32 eager reference
 (gsa_kernels.gaussian.reference), torch.compile of it, the papers'-reference-code style (a dense d x d
@@ -11,7 +11,9 @@ import math
 
 import torch
 
-from .common import Case, RunOptions, free_memory_bytes, nbytes, standard_backends
+from ..harness.environment import free_memory_bytes
+from ..harness.memory import nbytes
+from ..harness.run import Case, RunOptions, standard_backends
 
 FAMILY = "gaussian"
 OPS = ("teleport", "denoise", "score")

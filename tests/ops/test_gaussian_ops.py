@@ -8,7 +8,7 @@ import torch
 
 import gsa_kernels
 from gsa_kernels.gaussian import reference as R
-from conftest import SIGMAS, rel_err, requires_cuda
+from helpers import SIGMAS, random_gaussian, rel_err, requires_cuda
 
 OPS = {
     "denoise": (gsa_kernels.gaussian_denoise, R.gaussian_denoise),
@@ -21,16 +21,6 @@ OPS = {
 # float64 to 1e-10; float32 to 1e-5; half types to a few units of their rounding (the output is
 # stored in the half type, and the reference sees the same rounded input).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def random_gaussian(d, r, *, lam_perp=0.25, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
-    # Eigenvalues spread over five decades, as in image data.
-    eig = torch.logspace(1, -4, r, dtype=torch.float64) * (0.5 + torch.rand(r, generator=g, dtype=torch.float64))
-    mean = torch.randn(d, generator=g, dtype=torch.float64)
-    lp = torch.tensor(lam_perp if r < d else 0.0, dtype=torch.float64)
-    return [t.to(dtype).contiguous() for t in (mean, basis, eig, lp)]
 
 
 def call(op, x, params, sigma):

@@ -12,8 +12,7 @@ import torch.multiprocessing as mp
 import gsa_kernels
 from gsa_kernels.mixture import model as M
 from gsa_kernels.mixture import reference as R
-from conftest import rel_err
-from test_mixture_ops import close_points, gen, queries, random_gmm
+from helpers import close_points, gen, queries, random_gmm, rel_err
 
 
 def test_modules_match_functional_ops_and_reference():

@@ -1,45 +1,19 @@
-"""gsa_kernels.sampling: schedules, samplers (against diffusers' scheduler math), the hybrid sampler on
-Gaussian and GMM data, the sigma_skip chooser, class-conditional teleport, and the network adapters."""
+"""gsa_kernels.sampling: schedules, samplers (against diffusers' scheduler math) and the hybrid sampler on
+Gaussian data (tests/sampling/test_teleport_models.py: the sigma_skip chooser, families, adapters)."""
 import math
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import gsa_kernels as gk
 from gsa_kernels.gaussian import reference as gref
-from gsa_kernels.sampling import (METHODS, FlowDenoiser, GaussianFamily, VPDenoiser, choose_sigma_skip,
-                                  evals_per_run, flow_sigmas, flow_ts, frame_to_sigmas, karras_sigmas,
+from gsa_kernels.sampling import (METHODS, evals_per_run, flow_sigmas, flow_ts, frame_to_sigmas, karras_sigmas,
                                   linear_alphas_cumprod, sample, sigma_to_timestep, sigmas_to_frame,
                                   timestep_to_sigma, vp_sigmas, vp_timesteps)
-from gsa_kernels.sampling import error_table
-from gsa_kernels.sampling.gmm_reference import FullCovGMM
-
-from conftest import rel_err
+from helpers import gaussian_model, nonlinear_denoiser, reference_teleport, rel_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _gaussian(d=8, r=5, lam_perp=0.05, dtype=torch.float64, seed=0, lam_range=(0.05, 4.0)):
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
-    lo, hi = math.log(lam_range[0]), math.log(lam_range[1])
-    eig = torch.exp(lo + (hi - lo) * torch.rand(r, generator=g, dtype=torch.float64))
-    mean = torch.randn(d, generator=g, dtype=torch.float64)
-    return gk.GaussianModel(mean.to(dtype), basis.to(dtype), eig.to(dtype), lam_perp)
-
-
-def _ref_teleport(model, x, s0, s1):
-    return gref.teleport(x.double(), model.mean.double(), model.basis.double(), model.eigvals.double(),
-                         model.lam_perp.double(), s0, s1)
-
-
-def _nonlinear_denoiser(model):
-    """A Gaussian denoiser plus a smooth nonlinearity: a stand-in network for solver comparisons."""
-    def denoise(x, sigma):
-        return model.denoise(x, sigma) + 0.3 * torch.tanh(2 * x) / (1 + sigma.reshape(-1, 1))
-    return denoise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +96,8 @@ def _run_diffusers_scheduler(sch, n, denoise, noise, **step_kwargs):
 @pytest.mark.parametrize("case", ["ddim", "ddim_eta", "dpmpp_2m", "unipc2", "unipc3", "unipc3_bh1"])
 def test_samplers_match_diffusers_schedulers(case):
     diffusers = pytest.importorskip("diffusers")
-    model = _gaussian()
-    denoise = _nonlinear_denoiser(model)
+    model = gaussian_model()
+    denoise = nonlinear_denoiser(model)
     noise = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     opts, step_kwargs = {}, {}
     if case.startswith("ddim"):
@@ -157,8 +131,8 @@ def test_samplers_match_diffusers_schedulers(case):
 
 
 def test_ddim_eta0_is_euler_and_unipc_order1_is_first_order():
-    model = _gaussian()
-    denoise = _nonlinear_denoiser(model)
+    model = gaussian_model()
+    denoise = nonlinear_denoiser(model)
     noise = torch.randn(5, 8, dtype=torch.float64)
     sig = karras_sigmas(9, dtype=torch.float64)
     euler = sample(denoise, noise, sig, method="euler").x
@@ -172,13 +146,13 @@ def test_ddim_eta0_is_euler_and_unipc_order1_is_first_order():
 # Gaussian data: the samplers integrate the exact Gaussian PF-ODE; the teleport is its exact solution.
 @pytest.mark.parametrize("method", METHODS)
 def test_teleport_to_sigma_min_then_final_step_is_exact(method):
-    model = _gaussian()
+    model = gaussian_model()
     noise = torch.randn(16, 8, dtype=torch.float64)
     n = 12
     sig = karras_sigmas(n, dtype=torch.float64)
     out = sample(model, noise, sig, method=method, gaussian=model, skip=n - 1)
     assert out.n_evals == 1 and out.sigma_start == pytest.approx(0.002)
-    exact = _ref_teleport(model, noise * 80.0, 80.0, 0.0)
+    exact = reference_teleport(model, noise * 80.0, 80.0, 0.0)
     # the final step D(x; sigma_min) differs from the exact flow to 0 by the factor sqrt(l / (l + sigma_min^2))
     lam_min = min(float(model.eigvals.min()), float(model.lam_perp))
     assert rel_err(out.x, exact) < 0.002 ** 2 / lam_min
@@ -187,9 +161,9 @@ def test_teleport_to_sigma_min_then_final_step_is_exact(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_hybrid_never_worse_than_full_sampler_on_gaussian_data(method):
-    model = _gaussian(lam_range=(0.02, 9.0))
+    model = gaussian_model(lam_range=(0.02, 9.0))
     noise = torch.randn(64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    exact = _ref_teleport(model, noise * 80.0, 80.0, 0.0)
+    exact = reference_teleport(model, noise * 80.0, 80.0, 0.0)
     for n in (8, 18):
         sig = karras_sigmas(n, dtype=torch.float64)
         errs = [rel_err(sample(model, noise, sig, method=method, gaussian=model, skip=k).x, exact)
@@ -199,9 +173,9 @@ def test_hybrid_never_worse_than_full_sampler_on_gaussian_data(method):
 
 
 def test_package_models_are_denoisers_analytic_sampling():
-    model = _gaussian()
+    model = gaussian_model()
     noise = torch.randn(32, 8, dtype=torch.float64)
-    exact = _ref_teleport(model, noise * 80.0, 80.0, 0.0)
+    exact = reference_teleport(model, noise * 80.0, 80.0, 0.0)
     out = sample(model, noise, karras_sigmas(80, dtype=torch.float64), method="heun")
     assert out.n_evals == 159
     err = rel_err(out.x, exact)
@@ -212,7 +186,7 @@ def test_package_models_are_denoisers_analytic_sampling():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_n_evals_and_sigma_skip_resolution(method):
-    model = _gaussian(dtype=torch.float32)
+    model = gaussian_model(dtype=torch.float32)
     noise = torch.randn(4, 2, 4)  # any trailing shape with prod = d
     n = 10
     sig = karras_sigmas(n)
@@ -226,7 +200,7 @@ def test_n_evals_and_sigma_skip_resolution(method):
 
 
 def test_bad_arguments_name_the_argument():
-    model = _gaussian(dtype=torch.float32)
+    model = gaussian_model(dtype=torch.float32)
     noise = torch.randn(4, 8)
     sig = karras_sigmas(5)
     with pytest.raises(ValueError, match="method"):
@@ -254,7 +228,7 @@ def test_bad_arguments_name_the_argument():
 # ---------------------------------------------------------------------------------------------
 # Stochastic options
 def test_churn_and_eta_are_reproducible_and_sample_the_data_distribution():
-    model = _gaussian(d=3, r=3, lam_perp=0.0, lam_range=(0.2, 2.0))
+    model = gaussian_model(d=3, r=3, lam_perp=0.0, lam_range=(0.2, 2.0))
     noise = torch.randn(4000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     sig = karras_sigmas(25, dtype=torch.float64)
     for method, opts in (("heun", {"s_churn": 20.0, "s_tmin": 0.05, "s_tmax": 50.0}), ("euler", {"s_churn": 10.0}),
@@ -291,7 +265,7 @@ class _HostSyncDetector(TorchFunctionMode):
 @pytest.mark.parametrize("method,opts", [("euler", {"s_churn": 5.0}), ("heun", {"s_churn": 5.0}), ("ddim", {"eta": 0.5}),
                                          ("dpmpp_2m", {}), ("unipc", {"order": 3})])
 def test_sampler_steps_make_no_host_synchronisation(method, opts):
-    model = _gaussian(dtype=torch.float32)
+    model = gaussian_model(dtype=torch.float32)
     args = (model.mean, model.basis, model.eigvals, model.lam_perp)
 
     def denoiser(x, sigma):  # pure tensor ops, so anything flagged comes from the sampler
@@ -303,149 +277,3 @@ def test_sampler_steps_make_no_host_synchronisation(method, opts):
     with _HostSyncDetector() as det:
         out = sample(denoiser, noise, sig, method=method, generator=gen, **opts)
     assert det.seen == [] and out.n_evals == evals_per_run(method, 8)
-
-
-# ---------------------------------------------------------------------------------------------
-# sigma_skip chooser
-def test_choose_sigma_skip():
-    gmm = FullCovGMM.random(dim=6, n_components=3, seed=1)
-    g = gmm.gaussian(torch.float64)
-    data = gmm.sample(600, torch.Generator().manual_seed(0))
-    grid = torch.logspace(math.log10(80), math.log10(0.05), 16, dtype=torch.float64)
-    # a model agrees with itself everywhere: teleport down to the smallest level of the grid
-    same = choose_sigma_skip(g, g, data, tol=1e-3, sigmas=grid, generator=torch.Generator().manual_seed(1))
-    assert same.sigma_skip == pytest.approx(0.05) and (same.explained_variance > 1 - 1e-9).all()
-    picks = [choose_sigma_skip(g, gmm, data, tol=tol, sigmas=grid, generator=torch.Generator().manual_seed(1))
-             for tol in (1e-4, 1e-2, 0.3)]
-    sig = [p.sigma_skip for p in picks]
-    assert 0.05 < sig[2] <= sig[1] <= sig[0] < 80, sig  # looser tolerance, deeper teleport
-    assert sig[2] < sig[0]
-    ev = picks[0].explained_variance
-    assert ev[0] > 0.9999 and ev[-1] < 0.9  # the Gaussian explains the mixture at high noise only
-    with pytest.raises(ValueError, match="tol"):
-        choose_sigma_skip(g, gmm, data, tol=1.5)
-
-
-def test_choose_sigma_skip_with_fitted_package_models():
-    """The intended workflow: Gaussian and GMM fitted to the same data; the choice feeds sample()."""
-    gmm = FullCovGMM.random(dim=6, n_components=3, seed=1)
-    data = gmm.sample(1500, torch.Generator().manual_seed(0)).float()
-    g = gk.GaussianModel.fit(data)
-    grid = torch.logspace(math.log10(80), math.log10(0.05), 24, dtype=torch.float64)
-    exact = choose_sigma_skip(gmm.gaussian(), gmm, data, sigmas=grid, generator=torch.Generator().manual_seed(1))
-    fitted = choose_sigma_skip(g, gk.GMM.fit(data, 3, rank=6), data, sigmas=grid,
-                               generator=torch.Generator().manual_seed(1))
-    ratio = float(grid[0] / grid[1])
-    assert exact.sigma_skip / ratio <= fitted.sigma_skip <= exact.sigma_skip * ratio  # within one grid step
-    sig = karras_sigmas(18)
-    res = sample(gk.GMM.fit(data, 3, rank=6), torch.randn(8, 6), sig, method="unipc", gaussian=g, sigma_skip=fitted)
-    k = sum(1 for v in sig.tolist() if v >= fitted.sigma_skip) - 1
-    assert res.n_evals == 18 - k and 0 < k < 18 and res.sigma_start >= fitted.sigma_skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Class-conditional teleport
-def test_gaussian_family_matches_per_class_models():
-    models = [_gaussian(d=6, r=r, lam_perp=lp, seed=s) for s, (r, lp) in enumerate([(3, 0.1), (6, 0.0), (2, 0.3)])]
-    family = GaussianFamily.from_models(models)
-    labels = torch.tensor([2, 0, 1, 1, 0, 2, 2])
-    x = torch.randn(7, 2, 3, dtype=torch.float64) * 20
-    s0 = torch.rand(7, dtype=torch.float64) * 50 + 10
-    s1 = torch.rand(7, dtype=torch.float64) * 5
-    loop_t = torch.stack([models[c].teleport(x[i:i + 1], s0[i:i + 1], s1[i:i + 1])[0] for i, c in enumerate(labels)])
-    loop_d = torch.stack([models[c].denoise(x[i:i + 1], s1[i:i + 1])[0] for i, c in enumerate(labels)])
-    loop_s = torch.stack([models[c].score(x[i:i + 1], s0[i:i + 1])[0] for i, c in enumerate(labels)])
-    assert rel_err(family.teleport(x, s0, s1, labels), loop_t) < 1e-12
-    assert rel_err(family.denoise(x, s1, labels), loop_d) < 1e-12
-    assert rel_err(family.score(x, s0, labels), loop_s) < 1e-12
-    chunked = GaussianFamily.from_models(models, max_gather_elements=40)  # 1 sample per chunk
-    assert rel_err(chunked.teleport(x, s0, s1, labels), loop_t) < 1e-12
-    # sampling a mixed-class batch: teleport and analytic denoiser both per sample
-    bound = family.for_labels(labels)
-    noise = torch.randn(7, 6, dtype=torch.float64)
-    out = sample(bound, noise, karras_sigmas(10, dtype=torch.float64), method="heun", gaussian=bound, skip=10)
-    exact = torch.stack([_ref_teleport(models[c], noise[i:i + 1] * 80, 80.0, 0.0)[0] for i, c in enumerate(labels)])
-    assert rel_err(out.x, exact) < 1e-12
-    with pytest.raises(ValueError, match="labels"):
-        family.teleport(x, s0, s1, torch.tensor([0, 1, 3, 0, 0, 0, 0]))
-
-
-def test_gaussian_family_fit():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(300) % 3
-    data = torch.randn(300, 5, generator=g, dtype=torch.float64) * (labels[:, None] + 1) + labels[:, None] * 4
-    family = GaussianFamily.fit(data, labels)
-    for c in range(3):
-        ref = gk.GaussianModel.fit(data[labels == c])
-        assert rel_err(family.means[c], ref.mean) < 1e-6
-        assert rel_err(family[c].eigvals, ref.eigvals) < 1e-6
-
-
-# ---------------------------------------------------------------------------------------------
-# Adapters: a VP network that predicts exactly what the Gaussian implies must give the Gaussian denoiser.
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_vp_denoiser_adapter(prediction_type):
-    model = _gaussian()
-    abar = linear_alphas_cumprod(1000)
-
-    def network(x_vp, t):
-        sigma = timestep_to_sigma(t, abar)
-        a = (1 / (1 + sigma * sigma)).reshape(-1, 1)
-        x_ve = x_vp / a.sqrt()
-        x0 = model.denoise(x_ve, sigma)
-        eps = (x_ve - x0) / sigma.reshape(-1, 1)
-        out = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[prediction_type]
-        return type("Output", (), {"sample": out})()  # diffusers-style return value
-
-    den = VPDenoiser(network, abar, prediction_type=prediction_type)
-    x = torch.randn(6, 8, dtype=torch.float64) * 3
-    sigma = torch.tensor([0.02, 0.3, 1.0, 5.0, 40.0, 150.0], dtype=torch.float64)
-    assert rel_err(den(x, sigma), model.denoise(x, sigma)) < 1e-9
-
-
-def test_vp_denoiser_learned_variance_quantize_and_flow_denoiser():
-    abar = linear_alphas_cumprod(1000)
-    seen = []
-
-    def network(x_vp, t):
-        seen.append(t)
-        return torch.cat([torch.zeros_like(x_vp), torch.ones_like(x_vp)], 1)
-
-    x = torch.randn(2, 3, 4, 4)
-    sigma = torch.tensor([1.0, 10.0])
-    out = VPDenoiser(network, abar, learned_variance=True, quantize=True)(x, sigma)
-    assert torch.equal(out, x) and torch.equal(seen[-1], seen[-1].round())
-    with pytest.raises(ValueError, match="learned_variance"):
-        VPDenoiser(network, abar)(x, sigma)
-    model = _gaussian()
-
-    def velocity(x_flow, t1000):
-        t = (t1000 / 1000).reshape(-1, 1)
-        x_ve = x_flow / (1 - t)
-        sigma = (t / (1 - t)).reshape(-1)
-        x0 = model.denoise(x_ve, sigma)
-        return (x_ve - x0) / sigma.reshape(-1, 1) - x0  # v = eps - x0
-
-    xv = torch.randn(3, 8, dtype=torch.float64)
-    sv = torch.tensor([0.05, 1.0, 30.0], dtype=torch.float64)
-    assert rel_err(FlowDenoiser(velocity)(xv, sv), model.denoise(xv, sv)) < 1e-9
-
-
-# ---------------------------------------------------------------------------------------------
-# GMM data, exact score: the trend of the error table (docs/sampling.md) on a small case.
-def test_error_table_trend_on_gmm_data():
-    t = error_table.run(dim=8, n_components=3, n_samples=300, steps=(10, 35), skips=(0.0, 0.2, 0.4),
-                        methods=("heun", "unipc"), ref_steps=300, tol=1e-4)
-    assert t.reference_error < 1e-4
-    for m in t.methods:
-        for n in t.steps:
-            full, light, heavy = (t.median_error[(m, n, f)] for f in t.skips)
-            assert t.n_evals[(m, n, 0.2)] < t.n_evals[(m, n, 0.0)]
-            assert light <= full * 1.05, (m, n, full, light)   # a light teleport costs no accuracy
-            assert t.flips[(m, n, 0.2)] <= t.flips[(m, n, 0.0)] + 0.01
-            k, auto_err, auto_flips, auto_evals = t.auto[(m, n)]   # choose_sigma_skip(tol=1e-4)
-            assert k >= 0.2 * n and auto_evals < t.n_evals[(m, n, 0.0)]
-            assert auto_err <= 1.1 * full and auto_flips <= t.flips[(m, n, 0.0)] + 0.01, (m, n, full, auto_err)
-    # the Gaussian is wrong at low noise: teleporting 40% of an accurate run costs accuracy
-    assert t.median_error[("unipc", 35, 0.4)] > 1.5 * t.median_error[("unipc", 35, 0.0)]
-    assert "| heun | 10 |" in error_table.to_markdown(t)

@@ -1,7 +1,7 @@
 """A float64 full-covariance Gaussian mixture with its exact denoiser, and a fine-step PF-ODE solver.
 
 Ground truth for the sampler accuracy experiments (docs/sampling.md): with data from a GMM the score is
-known exactly (MATH.md section 3 with r = d), so the probability-flow ODE can be solved to ~1e-9 and every
+known exactly (docs/math.md section 3 with r = d), so the probability-flow ODE can be solved to ~1e-9 and every
 sampler's error measured against it. Kept independent of the fused mixture kernels on purpose.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class FullCovGMM:
 
     def gaussian(self, dtype=torch.float32):
         """The GaussianModel with the mixture's exact mean and covariance (the Gaussian fitted to its data)."""
-        from ..gaussian.model import GaussianModel
+        from gsa_kernels import GaussianModel
 
         mean, cov = self.moments()
         lam, vecs = torch.linalg.eigh(cov)

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels.gaussian import reference as gref
 from gsa_kernels.integrations import pipeline_kwargs, sample_k_diffusion, sample_with_scheduler, teleport_latents
 from gsa_kernels.integrations.diffusers import scheduler_frame, scheduler_noise_level
 from gsa_kernels.sampling import VPDenoiser, karras_sigmas, sample
 
-from conftest import rel_err
+from helpers import reference_teleport, rel_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,11 +26,6 @@ def _gaussian(d, r, dtype=torch.float32, seed=0):
     eig = torch.exp(torch.empty(r, dtype=torch.float64).uniform_(math.log(0.05), math.log(3.0), generator=g))
     return gk.GaussianModel((0.3 * torch.randn(d, generator=g, dtype=torch.float64)).to(dtype), basis.to(dtype),
                             eig.to(dtype), 0.02)
-
-
-def _ref_teleport(model, x, s0, s1):
-    return gref.teleport(x.double(), model.mean.double(), model.basis.double(), model.eigvals.double(),
-                         model.lam_perp.double(), s0, s1).reshape(x.shape)
 
 
 class _Recorder:
@@ -125,7 +119,7 @@ def test_k_diffusion_wrapper_starts_any_sampler_at_the_teleported_point(K, kd_na
     res = sample_k_diffusion(getattr(K, kd_name), rec, noise, sig, gaussian=model, skip=4)
     x_first, s_first = rec.calls[0]
     assert torch.all(s_first == sig[4]) and res.sigma_start == float(sig[4])
-    assert rel_err(x_first, _ref_teleport(model, noise * 80.0, 80.0, float(sig[4]))) < 1e-5
+    assert rel_err(x_first, reference_teleport(model, noise * 80.0, 80.0, float(sig[4]))) < 1e-5
     assert res.n_evals == len(rec.calls) > 0 and torch.isfinite(res.x).all()
 
 
@@ -137,7 +131,7 @@ def test_k_diffusion_wrapper_adaptive_sampler_with_sigma_skip(K):
                              sigma_skip=5.0, n=8)
     x_first, s_first = rec.calls[0]
     assert res.sigma_start == 5.0 and torch.allclose(s_first, torch.tensor(5.0))
-    assert rel_err(x_first, _ref_teleport(model, noise * 80.0, 80.0, 5.0)) < 1e-5
+    assert rel_err(x_first, reference_teleport(model, noise * 80.0, 80.0, 5.0)) < 1e-5
     with pytest.raises(ValueError, match="sigma_min"):
         sample_k_diffusion(K.sample_dpm_fast, rec, noise, gaussian=model, sigma_skip=5.0, n=8)
     with pytest.raises(ValueError, match="sigmas"):
@@ -193,12 +187,12 @@ def _expected_first_input(name, noise, model, k):
         t0, tk = float(sch.sigmas[0]), float(sch.sigmas[k])
         big = 1e6 if t0 == 1.0 else t0 / (1 - t0)  # t = 1: the x_ve = sigma * noise limit
         x_ve = noise.double() * (big if t0 == 1.0 else 1 / (1 - t0))
-        return _ref_teleport(model, x_ve, big, tk / (1 - tk)) * (1 - tk), sch.timesteps[k]
+        return reference_teleport(model, x_ve, big, tk / (1 - tk)) * (1 - tk), sch.timesteps[k]
     s0, _ = scheduler_noise_level(sch, 0)
     sk, _ = scheduler_noise_level(sch, k)
     x_sched0 = noise.double() * float(getattr(sch, "init_noise_sigma", 1.0))
     x_ve0 = x_sched0 if frame == "ve" else x_sched0 * math.sqrt(1 + s0 * s0)
-    return _ref_teleport(model, x_ve0, s0, sk) / math.sqrt(1 + sk * sk), sch.timesteps[k]
+    return reference_teleport(model, x_ve0, s0, sk) / math.sqrt(1 + sk * sk), sch.timesteps[k]
 
 
 @needs_diffusers

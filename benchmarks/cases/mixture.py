@@ -1,4 +1,4 @@
-"""Mixture ops (MATH.md 3): the GMM denoiser and the training-set (delta mixture) denoiser.
+"""Mixture ops (docs/math.md section 3): the GMM denoiser and the training-set (delta mixture) denoiser.
 
 Backends: the package op (gsa_kernels.GMM(...).denoise, gsa_kernels.DeltaMixture(points).denoise), the
 float32 eager reference (gsa_kernels.mixture.reference, which materializes [B, K, d]), torch.compile of
@@ -6,7 +6,7 @@ it, the papers'-reference-code style (dense einsums over a materialized [B, K, d
 torch.cdist + softmax + matmul for the training set), and the bare matmuls the op needs.
 
 The float64 reference for the error column runs the package reference on chunks of components and merges
-the chunks exactly (a log-sum-exp over the chunks' normalizers), so it fits in memory at any N.
+the chunks exactly (gsa_kernels.mixture.merge_normalized), so it fits in memory at any N.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from .common import Case, RunOptions, nbytes, standard_backends
+from ..harness.memory import nbytes
+from ..harness.run import Case, RunOptions, standard_backends
 
 FAMILY = "mixture"
 OPS = ("gmm", "delta")
@@ -34,55 +35,18 @@ def _ref_chunk_bytes(device: torch.device) -> int:
 
 
 def available() -> str | None:
-    try:
-        from gsa_kernels.mixture import reference  # noqa: F401
-    except ImportError as exc:
-        return f"gsa_kernels.mixture.reference is not importable ({exc})"
-    return None
-
-
-def _package_class(name: str):
-    """gsa_kernels.GMM / gsa_kernels.DeltaMixture, or (None, why) while the mixture ops are not there."""
-    try:
-        import gsa_kernels
-
-        cls = getattr(gsa_kernels, name, None)
-        if cls is None:
-            from gsa_kernels import mixture
-
-            cls = getattr(mixture, name, None)
-    except ImportError as exc:
-        return None, f"gsa_kernels.{name} is not importable ({exc})"
-    if cls is None:
-        return None, f"gsa_kernels.{name} does not exist yet"
-    return cls, None
-
-
-def _package_op(name: str, *args):
-    """The package's mixture object, or (None, why it is unavailable)."""
-    cls, why = _package_class(name)
-    if cls is None:
-        return None, why
-    try:
-        return cls(*args), None
-    except Exception as exc:  # an API still in flux must not stop the baselines
-        return None, f"gsa_kernels.{name}(...) failed: {type(exc).__name__}: {exc}"[:200]
+    return None  # the mixture ops are part of the package core
 
 
 def merged_reference(denoise_chunk, log_z_chunk, n_components: int, chunk: int) -> torch.Tensor:
-    """D = sum_c softmax_c(log Z_c) D_c over component chunks c, where D_c and log Z_c are the chunk's own
-    denoiser and log-normalizer: exactly the full mixture's denoiser (a running log-sum-exp merge)."""
-    acc, lse = None, None
-    for start in range(0, n_components, chunk):
-        part = slice(start, min(start + chunk, n_components))
-        d_c, lz_c = denoise_chunk(part), log_z_chunk(part)
-        if acc is None:
-            acc, lse = d_c, lz_c
-            continue
-        new = torch.logaddexp(lse, lz_c)
-        acc = acc * torch.exp(lse - new)[:, None] + d_c * torch.exp(lz_c - new)[:, None]
-        lse = new
-    return acc
+    """The full mixture's denoiser from its component chunks c: each chunk's own denoiser D_c and
+    log-normalizer log Z_c, merged exactly by the package's log-sum-exp merge."""
+    from gsa_kernels.mixture import merge_normalized
+
+    parts = [slice(start, min(start + chunk, n_components)) for start in range(0, n_components, chunk)]
+    outs = torch.stack([denoise_chunk(part) for part in parts])
+    log_zs = torch.stack([log_z_chunk(part) for part in parts])
+    return merge_normalized(outs, log_zs)[0]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -125,7 +89,7 @@ def _spread(d: int) -> float:
     """Per-coordinate spread of the component means / training points: 2 / sqrt(d) keeps squared distances
     between them near 8 at every d, so at sigma ~ 1 the posterior weights are soft (a one-hot posterior
     would make every backend exact and the error column uninformative). With the mean offset 0.5, ||x||^2
-    is far above the distances: the cancellation-prone regime of MATH.md 3.1."""
+    is far above the distances: the cancellation-prone regime of docs/math.md section 3.1."""
     return 2.0 / math.sqrt(d)
 
 
@@ -137,6 +101,8 @@ def cases(opts: RunOptions, ops=OPS):
 
 
 def _gmm_cases(opts: RunOptions):
+    from gsa_kernels import GMM
+
     device = opts.device
     spec = SHAPES[opts.shape_set]["gmm"]
     d = spec["d"]
@@ -154,19 +120,19 @@ def _gmm_cases(opts: RunOptions):
                 bases = eigvals = None
                 lam_perp = 0.1 + 0.4 * torch.rand(K, device=device, generator=gen)
             params = (log_weights, means, bases, eigvals, lam_perp)
-            model, gsa_skip = _package_op("GMM", *params) if opts.wants("gsa") else (None, None)
+            model = GMM(*params) if opts.wants("gsa") else None
             # The bare matmuls: x @ [mu_i] and x @ [U_i] (all components side by side), then back.
             stacked = None
             if opts.wants("matmuls") and r:
                 stacked = bases.permute(1, 0, 2).reshape(d, K * r).contiguous()
             for batch in batches:
-                yield _gmm_case(opts, params, model, gsa_skip, stacked, batch, gen)
+                yield _gmm_case(opts, params, model, stacked, batch, gen)
             del params, model, stacked, bases, means
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
 
-def _gmm_case(opts, params, model, gsa_skip, stacked, batch, gen) -> Case:
+def _gmm_case(opts, params, model, stacked, batch, gen) -> Case:
     from gsa_kernels.mixture import reference
 
     device = opts.device
@@ -214,7 +180,7 @@ def _gmm_case(opts, params, model, gsa_skip, stacked, batch, gen) -> Case:
         gsa=(lambda x: model.denoise(x, sigma_t)) if model is not None else None,
         eager=lambda x: reference.gmm_denoise(x, *params, sigma_t),
         papers=lambda x: papers_gmm_denoise(x, *params, sigma),
-        matmuls=matmuls, temp_bytes=temp, gsa_skip=gsa_skip)
+        matmuls=matmuls, temp_bytes=temp)
     return Case(
         family=FAMILY, op="gmm", config={"d": d, "K": K, "r": r}, batch=batch,
         # GEMM work: x . mu_i and sum_i w_i mu_i (2 B K d each), projections and reconstructions (2 B K d r each).
@@ -224,21 +190,23 @@ def _gmm_case(opts, params, model, gsa_skip, stacked, batch, gen) -> Case:
 
 
 def _delta_cases(opts: RunOptions):
+    from gsa_kernels import DeltaMixture
+
     device = opts.device
     spec = SHAPES[opts.shape_set]["delta"]
     batches = opts.batches or spec["batches"]
     gen = torch.Generator(device=device).manual_seed(opts.seed + 1)
     for n_points, d in spec["configs"]:
         points = 0.5 + _spread(d) * torch.randn(n_points, d, device=device, generator=gen)
-        model, gsa_skip = _package_op("DeltaMixture", points) if opts.wants("gsa") else (None, None)
+        model = DeltaMixture(points) if opts.wants("gsa") else None
         for batch in batches:
-            yield _delta_case(opts, points, model, gsa_skip, batch, gen)
+            yield _delta_case(opts, points, model, batch, gen)
         del points, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def _delta_case(opts, points, model, gsa_skip, batch, gen) -> Case:
+def _delta_case(opts, points, model, batch, gen) -> Case:
     from gsa_kernels.mixture import reference
 
     device = opts.device
@@ -272,7 +240,7 @@ def _delta_case(opts, points, model, gsa_skip, batch, gen) -> Case:
         eager=lambda x: reference.delta_mixture_denoise(x, points, None, sigma_t),
         papers=lambda x: papers_delta_denoise(x, points, sigma),
         matmuls=lambda x: (x.reshape(x.shape[0], -1) @ points.T) @ points,
-        temp_bytes=temp, gsa_skip=gsa_skip)
+        temp_bytes=temp)
     return Case(
         family=FAMILY, op="delta", config={"N": n_points, "d": d}, batch=batch,
         flops=4.0 * batch * n_points * d,  # distances x . x_i and sum_i w_i x_i

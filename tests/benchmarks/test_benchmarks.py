@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the benchmarks package lives at the repo root
 
 from benchmarks import __main__ as bench_main  # noqa: E402
-from benchmarks import bench_mixture, common  # noqa: E402
+from benchmarks.cases import mixture as mixture_cases  # noqa: E402
+from benchmarks.harness import memory, run  # noqa: E402
 
 ROW_FIELDS = {
     "family", "op", "config", "config_str", "batch", "backend", "kind", "precision", "status", "reason",
@@ -54,7 +55,7 @@ def test_rows(tiny_run):
         assert (OVERHEAD_FIELDS if r["family"] == "overhead" else ROW_FIELDS) <= set(r), r["backend"]
     gauss = [r for r in rows if r["family"] == "gaussian"]
     assert {r["op"] for r in gauss} == {"teleport", "denoise", "score"}
-    assert {r["kind"] for r in gauss} == set(common.BACKEND_KINDS)
+    assert {r["kind"] for r in gauss} == set(run.BACKEND_KINDS)
     for r in gauss:
         if r["kind"] == "compile":
             assert r["status"] == "skipped" and r["reason"] == "--no-compile"
@@ -82,19 +83,20 @@ def test_rows(tiny_run):
     overhead = {r["backend"]: r for r in rows if r["family"] == "overhead"}
     assert overhead["torch.ops.gsa"]["host_s"] > 0
     assert overhead["cuda graph replay"]["status"] == "skipped"
+    assert overhead["cuda kernel, launch stubbed"]["host_s"] > 0
 
 
 def test_error_column_catches_a_wrong_kernel():
     device = torch.device("cpu")
     x_ref = torch.randn(4, 16, dtype=torch.float64)
-    case = common.Case(
+    case = run.Case(
         family="t", op="scale", config={"d": 16}, batch=4, flops=64, min_bytes=512, in_bytes=256, out_bytes=256,
         make_x=lambda: x_ref.float(), reference64=lambda x: 2 * x.double(), err_rows=4,
-        backends=[common.Backend("gsa", "gsa", fn=lambda x: 2.02 * x),
-                  common.Backend("eager", "eager", fn=lambda x: 2 * x)])
-    opts = common.RunOptions(device=device, shape_set="tiny", min_time=0.001)
+        backends=[run.Backend("gsa", "gsa", fn=lambda x: 2.02 * x),
+                  run.Backend("eager", "eager", fn=lambda x: 2 * x)])
+    opts = run.RunOptions(device=device, shape_set="tiny", min_time=0.001)
     ceilings = {"copy": {"gbps": 1.0}, "matmul": {"ieee": {"tflops": 1.0}}}
-    rows = {r["backend"]: r for r in common.run_case(case, opts, ceilings)}
+    rows = {r["backend"]: r for r in run.run_case(case, opts, ceilings)}
     assert rows["gsa"]["rel_err"] == pytest.approx(0.01, rel=1e-4)
     assert rows["eager"]["rel_err"] < 1e-7
     assert rows["gsa"]["speedup_vs_eager"] == pytest.approx(rows["eager"]["median_s"] / rows["gsa"]["median_s"])
@@ -113,7 +115,7 @@ def test_chunked_mixture_reference_is_exact():
     lp = 0.1 * torch.rand(K, generator=g, dtype=torch.float64)
     params = (lw, means, bases, eig, lp)
     full = reference.gmm_denoise(x, *params, 0.7)
-    merged = bench_mixture.merged_reference(
+    merged = mixture_cases.merged_reference(
         lambda sl: reference.gmm_denoise(x, *(t[sl] for t in params), 0.7),
         lambda sl: reference.gmm_posterior(x, *(t[sl] for t in params), 0.7)[1], K, chunk=3)
     torch.testing.assert_close(merged, full, rtol=1e-12, atol=1e-12)
@@ -121,7 +123,7 @@ def test_chunked_mixture_reference_is_exact():
 
 def test_cpu_peak_memory_counts_temporaries():
     x = torch.randn(512, 1024)  # 2 MiB
-    peak, note = common.peak_extra_bytes(lambda: (x * 2) + 1, torch.device("cpu"))
+    peak, note = memory.peak_extra_bytes(lambda: (x * 2) + 1, torch.device("cpu"))
     if peak is None:
         pytest.skip(note)
     # One temporary plus the output: about 2 x 2 MiB.

@@ -4,12 +4,12 @@ casts, contiguity, per-sample sigma vectors, output shapes) before a GPU session
 import pytest
 import torch
 
-from gsa_kernels.gaussian import ops as gops
+from gsa_kernels.gaussian import cuda as gcuda
 from gsa_kernels.gaussian import reference as GR
-from gsa_kernels.mixture import ops as mops
+from gsa_kernels.gaussian.map_kind import OP_MAP_KINDS
+from gsa_kernels.mixture import cuda as mcuda
 from gsa_kernels.mixture import reference as MR
-from conftest import rel_err
-from test_gaussian_ops import random_gaussian
+from helpers import random_gaussian, rel_err
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run these kernels for real")
 
@@ -22,7 +22,7 @@ def test_gaussian_cuda_wrapper(op, dtype):
     x = (mean + 2 * torch.randn(2, 36)).reshape(2, 4, 3, 3).to(dtype).to(memory_format=torch.channels_last)
     s = torch.tensor([0.05, 3.0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     sigmas = (s, s * 0.1) if op == "teleport" else (s,)
-    out = gops._make_map_cuda(op)(x, mean, basis_strided, eig, lp, *sigmas)
+    out = gcuda.map_cuda(OP_MAP_KINDS[op])(x, mean, basis_strided, eig, lp, *sigmas)
     assert out.shape == x.shape and out.dtype == dtype
     want = getattr(GR, op)(x.double(), mean.double(), basis.double(), eig.double(), lp.double(),
                            *[t.double() for t in sigmas])
@@ -32,7 +32,7 @@ def test_gaussian_cuda_wrapper(op, dtype):
 def test_project_cuda_wrapper():
     mean, basis, _, _ = random_gaussian(20, 7, dtype=torch.float32)
     x = torch.randn(3, 4, 5)
-    c = gops._project_cuda(x, mean, basis)
+    c = gcuda.project_cuda(x, mean, basis)
     assert c.shape == (3, 7)
     assert rel_err(c, GR.project(x.double(), mean.double(), basis.double())) < 1e-5
 
@@ -42,11 +42,11 @@ def test_mixture_cuda_wrappers():
     pts = 3 + 0.1 * torch.randn(24, 2, 3, 3, generator=g, dtype=torch.float64).reshape(24, -1)
     x = (pts[:5] + 0.2 * torch.randn(5, 18, generator=g, dtype=torch.float64)).reshape(5, 2, 3, 3)
     sigma = torch.full((5,), 0.3)
-    out, log_z = mops._delta_cuda(x.float(), pts.float(), None, sigma)
+    out, log_z = mcuda.delta_mixture_forward_cuda(x.float(), pts.float(), None, sigma)
     assert out.shape == x.shape and log_z.shape == (5,)
     assert rel_err(out, MR.delta_mixture_denoise(x.reshape(5, -1), pts, None, 0.3).reshape(x.shape)) < 1e-5
     # A GMM built from the same points (r = 0, lam_perp = 0) is the same mixture.
     lw = torch.zeros(24)
-    out_g, log_z_g, w = mops._gmm_cuda(x.float(), lw, pts.float(), None, None, None, sigma, return_weights=True)
+    out_g, log_z_g, w = mcuda.gmm_forward_cuda(x.float(), lw, pts.float(), None, None, None, sigma, return_weights=True)
     assert rel_err(out_g, out) < 1e-5 and w.shape == (5, 24)
     assert torch.allclose(w.sum(1), torch.ones(5), atol=1e-5)

@@ -6,17 +6,24 @@ Rows: host time per call (the loop issues calls without synchronising, so on CUD
 cost the host pays) and latency per call (synchronised after every call), for the Python API with
 validation on and off, with a float sigma, the raw torch.ops.gsa call and the eager reference; on CUDA,
 one CUDA-graph replay of the op: host time per replay, device time per replay, and whether the
-replayed output matches the eager call.
+replayed output matches the eager call. On a CPU, the "cuda kernel, launch stubbed" row runs the
+Python CUDA kernel of the op (meta check, casts, sigma vectors) on CPU tensors with the Triton launch
+replaced by a no-op: the host time the GPU path adds before its launch.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+import types
 
 import torch
+from gsa_kernels.gaussian.map_kind import DENOISE
 
-from .bench_gaussian import GaussianParams
-from .common import RunOptions, sync, time_call
+from ..harness.environment import sync
+from ..harness.run import RunOptions
+from ..harness.timing import time_call
+from .gaussian import GaussianParams
 
 FAMILY = "overhead"
 OPS = ("overhead",)
@@ -59,6 +66,22 @@ def _host_and_latency(fn, device, calls, blocks=10):
     return host, statistics.median(latencies)
 
 
+@contextlib.contextmanager
+def stubbed_triton_launch():
+    """The Gaussian CUDA kernels with their Triton launch replaced by a no-op (the output stays unwritten)."""
+    from gsa_kernels.gaussian import cuda
+
+    def gaussian_map(kind, x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b, out, precision="ieee"):
+        return out
+
+    saved = cuda.triton_gaussian
+    cuda.triton_gaussian = types.SimpleNamespace(gaussian_map=gaussian_map)
+    try:
+        yield cuda.map_cuda(DENOISE)
+    finally:
+        cuda.triton_gaussian = saved
+
+
 def run(opts: RunOptions, ops=OPS) -> list[dict]:
     from gsa_kernels import GaussianModel, config
     from gsa_kernels.gaussian import reference
@@ -90,6 +113,9 @@ def run(opts: RunOptions, ops=OPS) -> list[dict]:
     if device.type == "cuda":
         rows.append(_graph_row(d, params, x, sigma_t, calls, opts.min_time))
     else:
+        with stubbed_triton_launch() as kernel:
+            host, latency = _host_and_latency(lambda: kernel(x, *params.args, sigma_t), device, calls)
+        rows.append(_row(d, "cuda kernel, launch stubbed", "gsa", host_s=host, median_s=latency))
         rows.append(_row(d, "cuda graph replay", "gsa", status="skipped", reason="CUDA graphs need a GPU"))
     return rows
 
@@ -119,35 +145,3 @@ def _graph_row(d, params, x, sigma_t, calls, min_time) -> dict:
                     reason=f"not capturable: {type(exc).__name__}: {exc}"[:300])
     return _row(d, "cuda graph replay", "gsa", host_s=host, graph_s=device_time,
                 note=f"replay matches eager call: max |diff| = {max_diff:.2e}")
-
-
-def print_rows(rows) -> None:
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"  {r['backend']:<22} {r['status']}: {r['reason']}", flush=True)
-            continue
-        parts = [f"  {r['backend']:<22}"]
-        if r["host_s"] is not None:
-            parts.append(f"host {r['host_s'] * 1e6:8.1f} us/call")
-        if r["median_s"] is not None:
-            parts.append(f"latency {r['median_s'] * 1e6:8.1f} us/call")
-        if r["graph_s"] is not None:
-            parts.append(f"device {r['graph_s'] * 1e6:8.1f} us/replay")
-        if r["note"]:
-            parts.append(r["note"])
-        print("  ".join(parts), flush=True)
-
-
-def markdown_table(rows) -> list[str]:
-    lines = ["| variant (B = 1) | host time per call | latency per call (synchronised) "
-             "| device time per graph replay | note |",
-             "|---|---|---|---|---|"]
-
-    def us(v):
-        return "-" if v is None else f"{v * 1e6:.1f} us"
-
-    for r in rows:
-        note = r["note"] or (f"{r['status']}: {r['reason']}" if r["status"] != "ok" else "")
-        lines.append(f"| {r['backend']} ({r['config_str']}) | {us(r['host_s'])} | {us(r['median_s'])} | "
-                     f"{us(r['graph_s'])} | {note} |")
-    return lines

@@ -6,7 +6,7 @@ import torch
 import gsa_kernels
 from gsa_kernels import frames
 from gsa_kernels.gaussian import reference as R
-from conftest import rel_err
+from helpers import rel_err
 
 
 def low_rank_data(n=600, d=20, seed=0, offset=100.0):

@@ -1,0 +1,1 @@
+"""One module of benchmark cases per op family: gaussian, mixture, overhead."""

@@ -1,0 +1,28 @@
+"""Errors of the raw ops as Python argument errors, translated in one place.
+
+The C++ kernels validate their own inputs and raise RuntimeError with a message that names the argument
+(the dispatcher does the same for a wrong argument type). The Python API re-raises such an error as the
+exception a Python caller expects, with the same message: TypeError for a wrong type or dtype,
+ValueError for everything else. Other RuntimeError subclasses (out of memory, ...) pass through.
+"""
+from __future__ import annotations
+
+_TYPE_MARKERS = ("dtype", "must be float32", "must be a floating", "Expected a value of type",
+                 "must be a torch.Tensor")
+
+
+def python_error(err: RuntimeError) -> Exception:
+    """TypeError or ValueError with the message of a raw op's RuntimeError."""
+    message = str(err)
+    kind = TypeError if any(marker in message for marker in _TYPE_MARKERS) else ValueError
+    return kind(message)
+
+
+def call_op(op, *args):
+    """op(*args) with its argument errors raised as TypeError / ValueError."""
+    try:
+        return op(*args)
+    except RuntimeError as err:
+        if type(err) is not RuntimeError:
+            raise
+        raise python_error(err) from None
