@@ -38,4 +38,12 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_NEEDS_CUDA = "needs a CUDA device"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=_NEEDS_CUDA)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need a GPU carry the `cuda` marker too, so `pytest -m cuda` selects all of them."""
+    for item in items:
+        if any(m.kwargs.get("reason") == _NEEDS_CUDA for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
