@@ -88,7 +88,7 @@ def collect(props: dict | None = None) -> list[dict]:
                 meta = getattr(kernel, "metadata", None)
                 n_regs, num_warps, shared = getattr(kernel, "n_regs", None), _field(meta, "num_warps"), \
                     _field(meta, "shared")
-                rows.append({"module": mod_name.rsplit(".", 1)[1], "kernel": name, "device": str(device),
+                rows.append({"module": mod_name.rsplit(".", 1)[-1], "kernel": name, "device": str(device),
                              "n_regs": n_regs, "n_spills": getattr(kernel, "n_spills", None),
                              "shared_bytes": shared, "num_warps": num_warps,
                              "num_stages": _field(meta, "num_stages"),

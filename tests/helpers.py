@@ -4,9 +4,9 @@ from torch.overrides import TorchFunctionMode
 
 class HostSyncDetector(TorchFunctionMode):
     """Flags every tensor -> host conversion (each one would synchronise a GPU and break graph capture)
-    and every tensor made from host data (a host-to-device copy, which graph capture forbids too)."""
+    and every torch.tensor(host data) (a host-to-device copy on a GPU, which graph capture forbids too)."""
     FORBIDDEN = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "nonzero", "cpu",
-                 "tensor", "as_tensor", "from_numpy"}
+                 "tensor"}
 
     def __init__(self):
         super().__init__()

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import gsa_kernels as gk
+from gsa_kernels import _validation as validation
+from gsa_kernels.mixture import ops as mixture_ops
 from gsa_kernels.sampling import graphs, karras_sigmas, sample
 from conftest import requires_cuda
 from helpers import HostSyncDetector
@@ -53,7 +55,11 @@ class DirectCapture:
 
     def capture(self, fn):
         type(self).captures += 1
-        with HostSyncDetector() as det:
+        # Under a real capture the package's value checks see torch.cuda.is_current_stream_capturing()
+        # and skip their reads; CPU tensors would be read, so make them skip here too.
+        with pytest.MonkeyPatch.context() as mp, HostSyncDetector() as det:
+            mp.setattr(validation, "_reading_values_is_free", lambda t: False)
+            mp.setattr(mixture_ops, "_reading_values_is_free", lambda t: False)
             self.out = fn()
         type(self).seen += det.seen
         self.fn = fn
