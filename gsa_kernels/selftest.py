@@ -94,10 +94,10 @@ def _gmm_problem(gen):
 
 
 def _delta_problem(gen):
-    # Points clustered (spread 0.1 around 1): the float32 kernels expand distances about the points' mean,
+    # Points clustered (spread 0.05 around 1): the float32 kernels expand distances about the points' mean,
     # so a logit's error is about eps * ||x - mean||^2 / sigma^2 (docs/math.md section 3.1); at this
     # spread log_prob stays within the float32 bound down to sigma = 0.002.
-    return {"points": 1.0 + 0.1 * torch.randn(_N_POINTS, _MIX_D, generator=gen, dtype=torch.float64),
+    return {"points": 1.0 + 0.05 * torch.randn(_N_POINTS, _MIX_D, generator=gen, dtype=torch.float64),
             "log_weights": torch.randn(_N_POINTS, generator=gen, dtype=torch.float64)}
 
 
