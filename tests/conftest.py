@@ -32,3 +32,11 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+_NEEDS_CUDA = "needs a CUDA device"  # the skip reason of helpers.requires_cuda
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need a GPU carry the `cuda` marker too, so `pytest -m cuda` selects all of them."""
+    for item in items:
+        if any(m.kwargs.get("reason") == _NEEDS_CUDA for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)

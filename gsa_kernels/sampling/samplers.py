@@ -28,7 +28,7 @@ import torch
 
 from .._core.denoiser import as_denoiser
 from .._core.dtypes import compute_dtype
-from . import hybrid
+from . import graphs, hybrid
 
 METHODS = ("euler", "heun", "ddim", "dpmpp_2m", "unipc")
 
@@ -260,9 +260,18 @@ def evals_per_run(method: str, n_steps: int, ends_at_zero: bool = True) -> int:
     return n_steps
 
 
+def _run(denoiser, noise, sig, k, method, gaussian, generator, callback, method_options) -> tuple:
+    """(x, n_evals): the teleport to sig[k], then the sampler on sig[k:]."""
+    x = hybrid.teleport_start(gaussian, noise, sig, k)
+    ev = _Evaluator(denoiser, callback)
+    if len(sig) - k > 1:
+        x = _SAMPLERS[method](ev, x, sig[k:], generator=generator, **method_options)
+    return x, ev.n_evals
+
+
 def sample(denoiser, noise: torch.Tensor, sigmas, method: str = "heun", gaussian=None, skip: int = 0,
            sigma_skip: float | None = None, generator: torch.Generator | None = None, callback=None,
-           **method_options) -> SampleResult:
+           cuda_graph: bool = False, **method_options) -> SampleResult:
     """Sample the probability-flow ODE from x_init = sigmas[0] * noise along `sigmas`.
 
     denoiser: denoiser(x, sigma [B]) -> x0_hat, or an object with .denoise (GaussianModel, GMM, ...).
@@ -275,6 +284,9 @@ def sample(denoiser, noise: torch.Tensor, sigmas, method: str = "heun", gaussian
         sigma_skip picks the largest k with sigmas[k] >= sigma_skip, i.e. the teleport never goes below
         sigma_skip; sigma_skip = 0 teleports all the way to sigmas[N] (choose_sigma_skip's result works too). `gaussian` is anything with
         .teleport(x, sigma_from, sigma_to): a GaussianModel, or GaussianFamily.for_labels(labels).
+    cuda_graph: capture the whole run (teleport, steps, denoiser calls) in a CUDA graph on the first call
+        and replay it on later calls with the same denoiser, schedule, options and noise shape (graphs.py);
+        needs CUDA tensors, a capturable denoiser and no callback.
     Returns SampleResult(x, n_evals, sigma_start). See the module docstring on host synchronisation.
     """
     if method not in _SAMPLERS:
@@ -288,10 +300,17 @@ def sample(denoiser, noise: torch.Tensor, sigmas, method: str = "heun", gaussian
     if sig[0] <= 0:
         raise ValueError("sigmas[0] must be > 0")
     k = hybrid.resolve_skip(sig, skip=skip, sigma_skip=sigma_skip, gaussian=gaussian)
-    x = hybrid.teleport_start(gaussian, noise, sig, k)
-    ev = _Evaluator(denoiser, callback)
-    tail = sig[k:]
-    if len(tail) > 1:
-        x = _SAMPLERS[method](ev, x, tail, generator=generator, **method_options)
-    return SampleResult(x=x, n_evals=ev.n_evals, sigma_start=tail[0])
+    if cuda_graph:
+        graphs.check_device(noise)
+        if callback is not None:
+            raise ValueError("cuda_graph cannot be combined with callback (a replay runs no Python)")
+        key = (method, tuple(sig), k, tuple(sorted(method_options.items())), id(gaussian), id(generator))
+        x, n_evals = graphs.graphed_run(
+            denoiser, noise, key,
+            lambda static_noise: _run(denoiser, static_noise, sig, k, method, gaussian, generator, None,
+                                      method_options),
+            generator=generator, keep_alive=(gaussian, generator))
+    else:
+        x, n_evals = _run(denoiser, noise, sig, k, method, gaussian, generator, callback, method_options)
+    return SampleResult(x=x, n_evals=n_evals, sigma_start=sig[k])
 

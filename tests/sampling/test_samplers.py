@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from gsa_kernels.gaussian import reference as gref
 from gsa_kernels.sampling import (METHODS, evals_per_run, flow_sigmas, flow_ts, frame_to_sigmas, karras_sigmas,
                                   linear_alphas_cumprod, sample, sigma_to_timestep, sigmas_to_frame,
                                   timestep_to_sigma, vp_sigmas, vp_timesteps)
-from helpers import gaussian_model, nonlinear_denoiser, reference_teleport, rel_err
+from helpers import HostSyncDetector, gaussian_model, nonlinear_denoiser, reference_teleport, rel_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,21 +246,6 @@ def test_churn_and_eta_are_reproducible_and_sample_the_data_distribution():
     assert rel_err(churned, deterministic) > 0.1  # it is a different sampler
 
 
-class _HostSyncDetector(TorchFunctionMode):
-    """Flags every tensor -> host conversion (each one would synchronise a GPU and break graph capture)."""
-    FORBIDDEN = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in self.FORBIDDEN:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("method,opts", [("euler", {"s_churn": 5.0}), ("heun", {"s_churn": 5.0}), ("ddim", {"eta": 0.5}),
                                          ("dpmpp_2m", {}), ("unipc", {"order": 3})])
 def test_sampler_steps_make_no_host_synchronisation(method, opts):
@@ -274,6 +258,6 @@ def test_sampler_steps_make_no_host_synchronisation(method, opts):
     sig = karras_sigmas(8).tolist()  # a host schedule: nothing to read back
     noise = torch.randn(4, 8)
     gen = torch.Generator().manual_seed(0)
-    with _HostSyncDetector() as det:
+    with HostSyncDetector() as det:
         out = sample(denoiser, noise, sig, method=method, generator=gen, **opts)
     assert det.seen == [] and out.n_evals == evals_per_run(method, 8)
