@@ -60,11 +60,66 @@ def check_nonneg(name: str, t: torch.Tensor, requested: bool = True) -> None:
         raise ValueError(f"{name} has negative values; variances must be >= 0")
 
 
+def owned(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous copy of t (in `dtype` if given) that shares no memory with t: what a model stores."""
+    return t.detach().to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def orthonormality_tolerance(dtype: torch.dtype, d: int) -> float:
+    """Largest |U^T U - I| entry accepted for a basis stored in `dtype` with d rows: rounding an
+    orthonormal basis to `dtype` moves each entry of U^T U by at most eps(dtype), and forming U^T U in
+    the compute dtype (float32 for float32 and half storage) adds up to d eps(compute). The factor 4
+    leaves room for a basis that was itself computed in `dtype` (eigh / QR in float32)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return 4 * torch.finfo(dtype).eps + 4 * d * torch.finfo(compute).eps
+
+
+def check_orthonormal(name: str, basis: torch.Tensor, requested: bool = True, rows_per_step: int = 1 << 22) -> None:
+    """ValueError unless the columns of basis ([d, r] or [K, d, r]) are orthonormal to the tolerance of
+    its dtype (orthonormality_tolerance). All-zero columns are accepted: they are padding (a zero column
+    is an exact no-op in every Gaussian map). U^T U is formed a slab of components at a time."""
+    if not basis.numel() or not values_readable(basis, requested):
+        return
+    bases = basis.detach().reshape(-1, *basis.shape[-2:])
+    d, r = bases.shape[-2:]
+    compute = torch.float64 if basis.dtype == torch.float64 else torch.float32
+    tol = orthonormality_tolerance(basis.dtype, d)
+    step = max(1, rows_per_step // max(d * r, 1))
+    worst = 0.0
+    for k in range(0, bases.shape[0], step):
+        u = bases[k:k + step].to(compute)
+        gram = u.mT @ u
+        target = torch.diag_embed((u != 0).any(dim=1).to(compute))  # 1 per nonzero column, 0 for padding
+        worst = max(worst, float((gram - target).abs().amax()))
+    if not worst <= tol:  # also catches NaN
+        raise ValueError(f"{name} must have orthonormal columns (U^T U = I): max |U^T U - I| = {worst:.3g} "
+                         f"exceeds {tol:.3g} for {basis.dtype} with d = {d}; pass orthonormalize=True to "
+                         f"replace them by the orthonormal basis of their span")
+
+
+def orthonormalize(basis: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning the same space as basis ([d, r] or [K, d, r]), each column j as close
+    as possible to the direction of column j (QR with a positive diagonal of R, in float64), in basis's
+    dtype."""
+    q, rr = torch.linalg.qr(basis.detach().to(torch.float64))
+    signs = torch.where(rr.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(torch.float64)
+    return (q * signs.unsqueeze(-2)).to(basis.dtype)
+
+
 def check_sigma_meta(name: str, sigma, x: torch.Tensor) -> None:
     """Type, dtype, device and shape of a sigma tensor ([] or [1] or [B]); no data reads."""
     check_tensor(name, sigma, dtypes=FLOAT_DTYPES, device=x.device)
     if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] not in (1, x.shape[0])):
         raise ValueError(f"{name} must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(sigma.shape)}")
+
+
+def check_sigma_range(name: str, s: float, dtype: torch.dtype) -> None:
+    """A number that does not fit the dtype its op computes in (a finite 1e39 for float32) is named here
+    rather than failing inside a tensor conversion."""
+    limit = torch.finfo(dtype).max
+    if math.isfinite(s) and abs(s) > limit:
+        raise ValueError(f"{name} = {s:g} is beyond the range of {dtype} (at most {limit:.4g}), the dtype "
+                         f"this call computes in")
 
 
 def _check_sigma_number(name: str, s: float, allow_zero: bool) -> None:
@@ -102,6 +157,7 @@ def sigma_arg(name: str, sigma, x, *, dtype, allow_zero: bool = False, check_val
     s = _number(name, sigma)
     on_cpu = x.device.type == "cpu"
     if s is not None:
+        check_sigma_range(name, s, dtype)
         if not on_cpu:
             _check_sigma_number(name, s, allow_zero)
         return torch.full((x.shape[0] if x.dim() else 1,), s, dtype=dtype, device=x.device)
@@ -116,6 +172,7 @@ def as_sigma(name: str, sigma, batch: int, device, *, dtype=torch.float32, allow
     s = _number(name, sigma)
     if s is not None:
         _check_sigma_number(name, s, allow_zero)
+        check_sigma_range(name, s, dtype)
         return torch.full((batch,), s, dtype=dtype, device=device)
     if sigma.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {sigma.dtype}")

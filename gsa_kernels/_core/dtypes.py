@@ -12,3 +12,10 @@ import torch
 def compute_dtype(*tensors) -> torch.dtype:
     """float64 if any given tensor is float64, else float32 (None and non-tensor entries are skipped)."""
     return torch.float64 if any(getattr(t, "dtype", None) == torch.float64 for t in tensors) else torch.float32
+
+
+def sigma_floor(dtype: torch.dtype) -> float:
+    """The smallest sigma whose square is a normal number of `dtype`'s compute dtype (2^-63 in float32,
+    2^-511 in float64). A smaller sigma would make sigma^2 subnormal or 0, and a map with a zero
+    variance would form 0 / 0; flooring sigma here changes nothing for any sigma whose square is normal."""
+    return float(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny) ** 0.5

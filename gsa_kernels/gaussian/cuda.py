@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import config
-from .._core.dtypes import compute_dtype
+from .._core.dtypes import compute_dtype, sigma_floor
 from . import maps, meta
 from .map_kind import OP_MAP_KINDS, TELEPORT
 
@@ -48,7 +48,9 @@ def map_cuda(kind: int):
             return out.to(x.dtype).reshape(x.shape)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         f32 = [t.float().contiguous() for t in (mean, basis, eigvals, lam_perp.reshape(1))]
-        triton_gaussian.gaussian_map(kind, x2.contiguous(), *f32, _sigma_vector(sigma_a, batch, torch.float32),
+        # sigma_from floored so that sigma^2 stays normal (no 0 / 0 with a zero variance), as in maps.py.
+        s_a = _sigma_vector(sigma_a, batch, torch.float32).clamp_min(sigma_floor(torch.float32))
+        triton_gaussian.gaussian_map(kind, x2.contiguous(), *f32, s_a,
                                      _sigma_vector(sigma_b, batch, torch.float32), out.view(batch, d),
                                      config.get_precision())
         return out

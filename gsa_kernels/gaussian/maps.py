@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._core.dtypes import sigma_floor
 from .map_kind import DENOISE, SCORE, TELEPORT
 
 
@@ -30,6 +31,7 @@ def apply_map(kind: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch.Tens
     """The map of x2 [B, d] in x2's dtype. mean [d] or [B, d]; basis [d, r] or [B, d, r]; eigvals [r] or
     [B, r]; lam_perp [] or [B]; s_a, s_b [B]. full_rank: the basis spans R^d, so the f(lam_perp) terms
     are absent (they would only add rounding); a zero-padded basis is not full rank."""
+    s_a = s_a.clamp_min(sigma_floor(s_a.dtype))  # sigma^2 stays normal: no 0 / 0 with a zero variance
     s_a_sq = (s_a * s_a).unsqueeze(1)
     s_b_sq = None if s_b is None else (s_b * s_b).unsqueeze(1)
     f_modes = mode_factor(kind, eigvals, s_a_sq, s_b_sq)                        # [B, r]

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from .. import frames
 from .._core.dtypes import compute_dtype
-from .._validation import PARAM_DTYPES, check_finite, check_tensor
+from .._validation import FLOAT_DTYPES, check_finite, check_orthonormal, check_tensor, owned
+from .._validation import orthonormalize as _orthonormalize
 from . import meta, ops
 
 
@@ -19,20 +21,42 @@ class GaussianModel(nn.Module):
     [B] tensor. The buffers travel with .to() and state_dict().
     """
 
-    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor, lam_perp=0.0):
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor, lam_perp=0.0, *,
+                 orthonormalize: bool = False):
+        """orthonormalize=True replaces basis by the orthonormal basis of its span (otherwise a basis whose
+        columns are not orthonormal to its dtype's rounding is refused). Float16 / bfloat16 parameters
+        are kept as storage (the ops compute in float32), so a .half() model's state loads back."""
         super().__init__()
-        meta.check_parameters(mean, basis, eigvals, dtypes=PARAM_DTYPES)
-        lam_perp = torch.as_tensor(lam_perp, dtype=mean.dtype, device=mean.device).reshape(())
-        self.register_buffer("mean", mean.contiguous())
-        self.register_buffer("basis", basis.contiguous())
-        self.register_buffer("eigvals", eigvals.to(mean.dtype).contiguous())
-        self.register_buffer("lam_perp", lam_perp.to(mean.dtype))
-        self._check_values()
-        # Parameters are checked here and after load_state_dict, not on every call.
-        self.register_load_state_dict_post_hook(lambda module, keys: module._check_values())
+        for name, t in self.checked_state(mean, basis, eigvals, lam_perp, orthonormalize=orthonormalize).items():
+            self.register_buffer(name, t)
 
-    def _check_values(self):
-        ops.check_values(self.mean, self.basis, self.eigvals, self.lam_perp)
+    @staticmethod
+    def checked_state(mean, basis, eigvals, lam_perp=0.0, *, orthonormalize: bool = False) -> dict:
+        """The one check of a Gaussian's parameters (constructor, from_state_dict, load_state_dict): shapes,
+        dtypes, finite mean and basis, eigvals and lam_perp finite and >= 0, orthonormal basis. Returns
+        contiguous copies in mean's dtype that share no memory with the arguments."""
+        meta.check_parameters(mean, basis, eigvals, dtypes=FLOAT_DTYPES)
+        if isinstance(lam_perp, torch.Tensor):
+            check_tensor("lam_perp", lam_perp, dtypes=FLOAT_DTYPES, device=mean.device)
+            if lam_perp.numel() != 1:
+                raise ValueError(f"lam_perp must be a number or a one-element tensor, got shape {tuple(lam_perp.shape)}")
+        elif not isinstance(lam_perp, numbers.Real) or isinstance(lam_perp, bool):
+            raise TypeError(f"lam_perp must be a number or a tensor, got {type(lam_perp).__name__}")
+        dt = mean.dtype
+        state = {"mean": owned(mean), "basis": owned(basis, dt), "eigvals": owned(eigvals, dt),
+                 "lam_perp": owned(torch.as_tensor(lam_perp, device=mean.device).reshape(()), dt)}
+        if orthonormalize:
+            state["basis"] = _orthonormalize(state["basis"])
+        ops.check_values(**state)
+        check_orthonormal("basis", state["basis"])
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Loading checks and copies exactly as the constructor does, before anything is written.
+        keys = [prefix + name for name in ("mean", "basis", "eigvals", "lam_perp")]
+        if all(k in state_dict for k in keys):
+            state_dict.update(zip(keys, self.checked_state(*(state_dict[k] for k in keys)).values()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def dim(self) -> int:
@@ -110,6 +134,7 @@ class GaussianModel(nn.Module):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, state_dict) -> "GaussianModel":
+        """A new model from a state_dict(), checked and copied as by the constructor."""
         return cls(state_dict["mean"], state_dict["basis"], state_dict["eigvals"], state_dict["lam_perp"])
 
     @classmethod

@@ -28,6 +28,8 @@ def check_components(log_weights, means, bases=None, eigvals=None, lam_perp=None
     d = means.shape[1]
     if K == 0:
         raise ValueError(f"{means_name} must hold at least one component (K >= 1), got K = 0")
+    if d == 0:
+        raise ValueError(f"{means_name} must have shape [K, d] with d >= 1, got {tuple(means.shape)}")
     if log_weights is not None:
         check_tensor("log_weights", log_weights, ndim=1, dtypes=dtypes, device=device)
         if log_weights.shape[0] != K:

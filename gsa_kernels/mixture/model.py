@@ -3,7 +3,8 @@
 Both take x of shape [B, ...] (prod(...) = d) and sigma as a number or a [B] tensor, and offer
 .denoise, .score, .log_prob, .posterior (GMM) and .forward (everything in one pass). Parameters are
 buffers, so .to() and state_dict() carry them; from_state_dict() rebuilds a model. Their values are
-checked once, at construction; a call only checks what the op checks (meta.py, the C++ kernels).
+checked once, by checked_state() at construction and at load (every way in checks and copies the
+same way); a call only checks what the op checks (meta.py, the C++ kernels).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from .._core.dtypes import compute_dtype
 from .._core.errors import call_op
-from .._validation import PARAM_DTYPES, FLOAT_DTYPES, check_tensor, sigma_arg
+from .._validation import FLOAT_DTYPES, check_orthonormal, check_tensor, owned, sigma_arg
+from .._validation import orthonormalize as orthonormalize_columns
 from . import meta, ops
 
 _ROWS_PER_STEP = 1 << 15
@@ -33,6 +35,21 @@ class Mixture(nn.Module):
 
     def log_weight_norm(self):
         raise NotImplementedError
+
+    def _rows(self) -> torch.Tensor:
+        """The component means / points, whose mean is the reference point of the distance expansion."""
+        raise NotImplementedError
+
+    def _refresh_center(self):
+        # The centre is derived from the state, not stored in it: it is recomputed whenever the rows
+        # change (construction, load, dtype / device moves), so outputs depend on the state alone.
+        rows = self._rows()
+        self.register_buffer("center", ops.mean_of_rows(rows).to(compute_dtype(rows)), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._refresh_center()
+        return self
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -64,9 +81,24 @@ class GMM(Mixture):
     bases [K, d, r] (orthonormal columns) with eigvals [K, r] >= 0, and lam_perp [K] >= 0 (variance off
     the span of each basis; None: 0). r = 0 (bases=None) gives isotropic components lam_perp_i I."""
 
-    def __init__(self, log_weights, means, bases=None, eigvals=None, lam_perp=None):
+    def __init__(self, log_weights, means, bases=None, eigvals=None, lam_perp=None, *, orthonormalize: bool = False):
+        """orthonormalize=True replaces each basis by the orthonormal basis of its span (otherwise bases
+        whose columns are not orthonormal to their dtype's rounding are refused). Float16 / bfloat16
+        parameters are kept as storage (the op computes in float32)."""
         super().__init__()
-        check_tensor("means", means, ndim=2, dtypes=PARAM_DTYPES)
+        state = self.checked_state(log_weights, means, bases, eigvals, lam_perp, orthonormalize=orthonormalize)
+        for name, t in state.items():
+            self.register_buffer(name, t)
+        self._refresh_center()
+
+    @staticmethod
+    def checked_state(log_weights, means, bases=None, eigvals=None, lam_perp=None, *,
+                      orthonormalize: bool = False) -> dict:
+        """The one check of a GMM's parameters (constructor, from_state_dict, load_state_dict): shapes,
+        dtypes, d >= 1, finite means and bases, eigvals and lam_perp finite and >= 0, valid log-weights,
+        orthonormal bases. Returns contiguous copies in means' dtype that share no memory with the
+        arguments (bases [K, d, 0] and eigvals [K, 0] for r = 0, lam_perp [K])."""
+        check_tensor("means", means, ndim=2, dtypes=FLOAT_DTYPES)
         K, d = means.shape
         dt, dev = means.dtype, means.device
         if bases is None:
@@ -79,14 +111,25 @@ class GMM(Mixture):
         lam_perp = torch.as_tensor(lam_perp, dtype=dt, device=dev)
         if lam_perp.dim() == 0:
             lam_perp = lam_perp.expand(K)
-        meta.check_components(log_weights, means, bases, eigvals, lam_perp, dtypes=PARAM_DTYPES)
-        ops.check_values(log_weights, means, bases, eigvals, lam_perp)
-        self.register_buffer("log_weights", log_weights.to(dt).contiguous())
-        self.register_buffer("means", means.contiguous())
-        self.register_buffer("bases", bases.to(dt).contiguous())
-        self.register_buffer("eigvals", eigvals.to(dt).contiguous())
-        self.register_buffer("lam_perp", lam_perp.to(dt).contiguous())
-        self.register_buffer("center", ops.mean_of_rows(means).to(dt), persistent=False)
+        meta.check_components(log_weights, means, bases, eigvals, lam_perp, dtypes=FLOAT_DTYPES)
+        state = {"log_weights": owned(log_weights, dt), "means": owned(means), "bases": owned(bases, dt),
+                 "eigvals": owned(eigvals, dt), "lam_perp": owned(lam_perp, dt)}
+        if orthonormalize:
+            state["bases"] = orthonormalize_columns(state["bases"])
+        ops.check_values(**state)
+        check_orthonormal("bases", state["bases"])
+        return state
+
+    def _rows(self):
+        return self.means
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Loading checks and copies exactly as the constructor does, before anything is written.
+        keys = [prefix + name for name in ("log_weights", "means", "bases", "eigvals", "lam_perp")]
+        if all(k in state_dict for k in keys):
+            state_dict.update(zip(keys, self.checked_state(*(state_dict[k] for k in keys)).values()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_center()
 
     @property
     def n_components(self) -> int:
@@ -118,6 +161,7 @@ class GMM(Mixture):
 
     @classmethod
     def from_state_dict(cls, state_dict) -> "GMM":
+        """A new model from a state_dict(), checked and copied as by the constructor."""
         return cls(state_dict["log_weights"], state_dict["means"], state_dict["bases"], state_dict["eigvals"],
                    state_dict["lam_perp"])
 
@@ -163,21 +207,49 @@ class DeltaMixture(Mixture):
 
     def __init__(self, points, log_weights=None):
         super().__init__()
+        for name, t in self.checked_state(points, log_weights).items():
+            self.register_buffer(name, t)
+        self._refresh_center()
+
+    @staticmethod
+    def checked_state(points, log_weights=None) -> dict:
+        """The one check of a training set (constructor, from_state_dict, load_state_dict): shapes, dtypes,
+        N >= 1, d >= 1, finite points, valid log-weights (None: uniform). Returns contiguous copies
+        (points as [N, d]) that share no memory with the arguments."""
         check_tensor("points", points, dtypes=FLOAT_DTYPES)
         if points.dim() < 2:
             raise ValueError(f"points must have shape [N, ...] with at least one data dimension, "
                              f"got {tuple(points.shape)}")
         if points.shape[0] == 0:
             raise ValueError("points must hold at least one point (N >= 1), got N = 0")
-        pts = points.reshape(points.shape[0], -1).contiguous()
+        pts = points.reshape(points.shape[0], -1)
         meta.check_components(log_weights, pts, means_name="points", dtypes=FLOAT_DTYPES)
-        if log_weights is not None:
-            check_tensor("log_weights", log_weights, dtypes=PARAM_DTYPES)
-            log_weights = log_weights.contiguous()
-        ops.check_values(log_weights, pts, means_name="points")
-        self.register_buffer("points", pts)
-        self.register_buffer("log_weights", log_weights)
-        self.register_buffer("center", ops.mean_of_rows(pts).to(compute_dtype(pts)), persistent=False)
+        state = {"points": owned(pts), "log_weights": None if log_weights is None else owned(log_weights)}
+        ops.check_values(state["log_weights"], state["points"], means_name="points")
+        return state
+
+    def _rows(self):
+        return self.points
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checked and copied as by the constructor, before anything is written. A state without
+        # log-weights is a uniform training set, as log_weights=None is for the constructor and
+        # from_state_dict (the state of a uniform model has no log_weights entry).
+        key = prefix + "points"
+        if key not in state_dict:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        state = self.checked_state(state_dict[key], state_dict.pop(prefix + "log_weights", None))
+        state_dict[key] = state["points"]
+        old_log_weights, errors = self.log_weights, len(error_msgs)
+        self._buffers["log_weights"] = None  # so that neither a present nor an absent entry is an error
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            self._buffers["log_weights"] = state["log_weights"] if len(error_msgs) == errors else old_log_weights
+        self._refresh_center()
 
     @property
     def n_points(self) -> int:
@@ -203,6 +275,8 @@ class DeltaMixture(Mixture):
 
     @classmethod
     def from_state_dict(cls, state_dict) -> "DeltaMixture":
+        """A new model from a state_dict(), checked and copied as by the constructor; without a
+        log_weights entry the weights are uniform."""
         return cls(state_dict["points"], state_dict.get("log_weights"))
 
 
