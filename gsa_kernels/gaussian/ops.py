@@ -1,6 +1,6 @@
 """torch.ops.gsa Gaussian ops: thin Python wrappers, fake kernels, CUDA (Triton) kernels and autograd.
 
-The CPU kernels are C++ (csrc/gaussian_cpu.cpp); the schemas are in csrc/ops.cpp.
+The CPU kernels are C++ (csrc/gaussian/cpu.cpp); the schemas are in csrc/ops.cpp; autograd is in autograd.py.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ for _op in _MAP_IDS:
     torch.library.register_kernel(f"gsa::{_op}", "cuda")(_make_map_cuda(_op))
 
 
-# Autograd with respect to x is registered in C++ (csrc/gaussian_autograd.cpp).
+from . import autograd as _autograd  # noqa: E402,F401  (registers autograd with respect to x)
 
 
 # ----------------------------------------------------------------------------------------------

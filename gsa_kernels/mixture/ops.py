@@ -7,7 +7,7 @@ Schemas (csrc/ops.cpp):
 out is the denoiser D(x; sigma) (or the score when score=True) shaped like x and stored in x's dtype;
 log_z [B] = logsumexp_i(log_weights_i + log N_i(x)) with the log-weights as given (unnormalized, so shards
 merge exactly); weights [B, K] are the posterior weights (empty unless return_weights). log_z and weights
-are float64 if any input is float64, else float32. The CPU kernel is C++ (csrc/mixture_cpu.cpp); the CUDA
+are float64 if any input is float64, else float32. The CPU kernel is C++ (csrc/mixture/cpu.cpp); the CUDA
 kernel is Triton (triton_mixture.py). No autograd: the ops are forward-only.
 
 The Python API below validates (errors name the argument), normalizes the log-weights for log_prob, and
