@@ -2,17 +2,18 @@
 // denoisers/scores with a streaming log-sum-exp over chunks of components.
 //
 // Per chunk of C components the kernel forms, in the compute type T (float64 if any input is float64,
-// else float32; half/bfloat16 components are widened one chunk at a time), one stacked matrix
-//   W = [ M ; U_flat^T ]   [C (1 + r), d]     M = mu[chunk] - ctr (ctr: a shared reference point),
-//                                             row C + i r + k of U_flat^T = column k of U_i
-// and with ONE GEMM  XW = (x - ctr) W^T  [B, C (1 + r)]  both the centred distance expansion
-//   q_i = ||x - ctr||^2 - 2 (x - ctr).M_i + ||M_i||^2
-// and the coefficients c_i = U_i^T (x - mu_i) = U_i^T (x - ctr) - U_i^T M_i. A fused loop then makes the
-// logits log pi_i + log N_i (docs/math.md section 3), the online log-sum-exp update of the running max
-// m, the rescaled sum and the sum of p_i cx_i, and the per-component coefficients P = [p cm | p g c]
-// [B, C (1 + r)] of D_i - ctr (or of the score), chosen so that neither is formed from a difference of
-// nearly equal terms (see accumulate_chunk). A second GEMM adds them into the [B, d] accumulator:
-//   acc = alpha acc + P W.
+// else float32; half/bfloat16 components are widened one chunk at a time):
+//   M      = mu[chunk] - ctr                       [C, d]      (ctr: a shared reference point)
+//   U_flat = the chunk's bases as a [d, C r] matrix: a strided view of the input when its layout and
+//            dtype allow (the layout torch.linalg.qr returns does), else a widened copy
+//   q      = ||x - ctr||^2 - 2 (x - ctr) M^T + ||M||^2         [B, C]   squared distances by a *centred*
+//                                                                       expansion (one GEMM)
+//   c      = (x - ctr) U_flat - U^T M              [B, C, r]   (c_i = U_i^T (x - mu_i), one GEMM)
+// A fused loop then makes the logits log pi_i + log N_i (docs/math.md section 3), the online
+// log-sum-exp update of the running max m, the rescaled sum and the sum of p_i cx_i, and the
+// per-component coefficients [p cm | p g c] of D_i - ctr (or of the score), chosen so that neither is
+// formed from a difference of nearly equal terms (see accumulate_chunk); two GEMMs add them into the
+// [B, d] accumulator:  acc = alpha acc + (p cm) M + (p g c) U_flat^T.
 // At the end out = (acc + (sum p cx)(x - ctr)) / W [+ ctr for the denoiser]. The chunks are divided
 // among T = get_num_threads() workers (torch::stable::parallel_for), each with its own state, merged
 // exactly at the end (see mixture_forward). Extra memory is O(T (B d + B C (1 + r) + C d (1 + r)));
@@ -128,6 +129,13 @@ int64_t pick_chunk(int64_t requested, const MixtureArgs& a, int64_t threads) {
   return std::clamp<int64_t>(c, std::min<int64_t>(64, a.n_comp), std::max<int64_t>(a.n_comp, 1));
 }
 
+// Rows [k0, k0 + n) of t, contiguous: (t itself, element offset of row k0) when t is contiguous, else
+// (a contiguous copy of those rows, 0).
+std::pair<Tensor, int64_t> contiguous_rows(Tensor t, int64_t k0, int64_t n) {
+  if (t.is_contiguous()) return {t, k0 * (t.numel() / std::max<int64_t>(t.size(0), 1))};
+  return {torch::stable::contiguous(torch::stable::narrow(t, 0, k0, n)), 0};
+}
+
 // sum_j a_j b_j, vectorized (-fopenmp-simd): the order of the additions is BLAS-like, not sequential.
 template <class T>
 T dot(const T* a, const T* b, int64_t n) {
@@ -142,12 +150,11 @@ Tensor new_tensor(std::initializer_list<int64_t> sizes) {
   return torch::stable::empty(std::vector<int64_t>(sizes), torch::headeronly::CppTypeToScalarType<T>::value);
 }
 
-// A [rows, cols] matrix over buf's memory from element 0 (row-major), or its transpose [cols, rows].
+// A [rows, cols] matrix with strides (s0, s1) over memory at data (kept alive by the caller), on the
+// device of `like`.
 template <class T>
-Tensor matrix(const Tensor& buf, int64_t rows, int64_t cols, bool transposed = false) {
-  const std::vector<int64_t> sizes = transposed ? std::vector<int64_t>{cols, rows} : std::vector<int64_t>{rows, cols};
-  const std::vector<int64_t> strides = transposed ? std::vector<int64_t>{1, cols} : std::vector<int64_t>{cols, 1};
-  return torch::stable::from_blob(buf.mutable_data_ptr(), sizes, strides, buf.device(),
+Tensor strided(const Tensor& like, T* data, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
+  return torch::stable::from_blob(data, {rows, cols}, {s0, s1}, like.device(),
                                   torch::headeronly::CppTypeToScalarType<T>::value);
 }
 
@@ -174,7 +181,7 @@ struct MixtureData {
   std::vector<T> xnorm, s2, ctr;  // [B], [B], [d]
   std::vector<T> eig;             // [K, r]
   std::vector<T> lw, lp;          // [K] or empty
-  Tensor means, bases;            // contiguous, any float dtype (bases undefined when r = 0)
+  Tensor means, bases;            // any strides, any float dtype (bases undefined when r = 0)
   bool score;
   T* logits;                      // [B, K] when the posterior weights are asked for, else null
 };
@@ -184,7 +191,9 @@ template <class T>
 struct Partial {
   std::vector<T> run_max, run_sum, run_x;  // [B]
   Tensor acc;                              // [B, d]
-  Tensor w_buf, xw_buf, p_buf, step_buf;   // W, XW, P, P W
+  Tensor m_buf, u_buf;                     // M [C, d]; U_flat [d, C r] when it cannot be a view
+  Tensor xw_buf, p_buf;                    // [x.M | U_flat^T (x - ctr)], [p cm | p g c]   [B, C (1 + r)]
+  Tensor step_buf, step_u_buf;             // (p cm) M, (p g c) U_flat^T                    [B, d]
   std::vector<T> mnorm, t, logit, alpha;   // [C], [C r], [C], [B]
 };
 
@@ -195,37 +204,61 @@ void accumulate_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int6
   const int64_t B = a.batch, d = a.dim, r = a.rank, width = kc * (1 + r);
   const bool full_rank = r == d, has_lp = !in.lp.empty(), score = in.score;
   const T exp_floor = std::is_same_v<T, double> ? T(-700) : T(-80);
-  T* W = st.w_buf.template mutable_data_ptr<T>();
-  // W = [mu - ctr ; U^T], ||mu_i - ctr||^2 and t_i = U_i^T (mu_i - ctr).
-  visit_float(in.means, [&](const auto* pm) {
+  // M = mu - ctr, widened, and ||mu_i - ctr||^2.
+  T* M = st.m_buf.template mutable_data_ptr<T>();
+  const auto [means_c, m_off] = contiguous_rows(in.means, k0, kc);
+  visit_float(means_c, [&](const auto* pm) {
     for (int64_t i = 0; i < kc; ++i) {
-      for (int64_t j = 0; j < d; ++j) W[i * d + j] = static_cast<T>(pm[(k0 + i) * d + j]) - in.ctr[j];
-      st.mnorm[i] = dot(W + i * d, W + i * d, d);
+      const auto* m_i = pm + m_off + i * d;
+      for (int64_t j = 0; j < d; ++j) M[i * d + j] = static_cast<T>(m_i[j]) - in.ctr[j];
+      st.mnorm[i] = dot(M + i * d, M + i * d, d);
     }
   });
+  const Tensor m_mat = strided<T>(st.m_buf, M, kc, d, d, 1);
+  // U_flat [d, C r] with element (j, i r + k) = (U_i)_jk at U[j uj + (i r + k) uc], and t_i = U_i^T M_i.
+  Tensor u_flat;
+  const T* U = nullptr;
+  int64_t uj = 0, uc = 0;
   if (r > 0) {
-    visit_float(in.bases, [&](const auto* pu) {
-      for (int64_t i = 0; i < kc; ++i) {
-        const auto* u = pu + (k0 + i) * d * r;
-        T* rows = W + (kc + i * r) * d;
-        // Transpose U_i [d, r] into r rows of W in blocks of d: the r destination rows are d apart (often
-        // a multiple of 4 KiB), so writing all r of them per source row would thrash the L1 sets.
-        constexpr int64_t kBlock = 64;
-        for (int64_t j0 = 0; j0 < d; j0 += kBlock) {
-          const int64_t j1 = std::min(d, j0 + kBlock);
-          for (int64_t k = 0; k < r; ++k) {
-            for (int64_t j = j0; j < j1; ++j) rows[k * d + j] = static_cast<T>(u[j * r + k]);
+    const Tensor& bs = in.bases;
+    if (bs.scalar_type() == torch::headeronly::CppTypeToScalarType<T>::value && bs.stride(0) == r * bs.stride(2)) {
+      U = static_cast<const T*>(bs.const_data_ptr()) + k0 * bs.stride(0);
+      uj = bs.stride(1);
+      uc = bs.stride(2);
+      u_flat = strided<T>(bs, const_cast<T*>(U), d, kc * r, uj, uc);
+    } else {
+      T* dst = st.u_buf.template mutable_data_ptr<T>();
+      const auto [bases_c, u_off] = contiguous_rows(bs, k0, kc);
+      visit_float(bases_c, [&](const auto* pu) {
+        for (int64_t i = 0; i < kc; ++i) {
+          const auto* u_i = pu + u_off + i * d * r;
+          for (int64_t j = 0; j < d; ++j) {
+            for (int64_t k = 0; k < r; ++k) dst[j * kc * r + i * r + k] = static_cast<T>(u_i[j * r + k]);
           }
         }
-        for (int64_t k = 0; k < r; ++k) st.t[i * r + k] = dot(W + i * d, rows + k * d, d);
+      });
+      U = dst;
+      uj = kc * r;
+      uc = 1;
+      u_flat = strided<T>(st.u_buf, dst, d, kc * r, uj, uc);
+    }
+    if (uj == 1) {  // columns of U_flat are contiguous
+      for (int64_t col = 0; col < kc * r; ++col) st.t[col] = dot(M + (col / r) * d, U + col * uc, d);
+    } else {
+      std::fill(st.t.begin(), st.t.begin() + kc * r, T(0));
+      for (int64_t j = 0; j < d; ++j) {
+        const T* u_row = U + j * uj;
+        for (int64_t i = 0; i < kc; ++i) {
+          const T m = M[i * d + j];
+          for (int64_t k = 0; k < r; ++k) st.t[i * r + k] += m * u_row[(i * r + k) * uc];
+        }
       }
-    });
+    }
   }
-  const Tensor xw = matrix<T>(st.xw_buf, B, width);
-  const Tensor p_mat = matrix<T>(st.p_buf, B, width);
-  mm_out(xw, in.xr, matrix<T>(st.w_buf, width, d, /*transposed=*/true));
   T* XW = st.xw_buf.template mutable_data_ptr<T>();
   T* P = st.p_buf.template mutable_data_ptr<T>();
+  mm_out(strided<T>(st.xw_buf, XW, B, kc, width, 1), in.xr, strided<T>(st.m_buf, M, d, kc, 1, d));
+  if (r > 0) mm_out(strided<T>(st.xw_buf, XW + kc, B, kc * r, width, 1), in.xr, u_flat);
   const T* eig = in.eig.data() + k0 * r;
   for (int64_t b = 0; b < B; ++b) {
     T* xw_row = XW + b * width;  // [x.M_i | U_i^T (x - ctr)], the second part becomes c_i in place
@@ -320,14 +353,24 @@ void accumulate_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int6
     st.run_sum[b] = st.run_sum[b] * alpha + p_sum;
     st.run_x[b] = st.run_x[b] * alpha + x_coef;
   }
-  // acc = alpha acc + P W (the GEMM into a scratch, the rescale fused into the add).
-  const Tensor step = matrix<T>(st.step_buf, B, d);
-  mm_out(step, p_mat, matrix<T>(st.w_buf, width, d));
-  const T* S = st.step_buf.template const_data_ptr<T>();
+  // acc = alpha acc + (p cm) M + (p g c) U_flat^T (the GEMMs into scratch, the rescale fused into the add).
   T* acc = st.acc.template mutable_data_ptr<T>();
+  const bool has_m_term = !(full_rank && score);
+  const T* S = st.step_buf.template const_data_ptr<T>();
+  const T* SU = r > 0 ? st.step_u_buf.template const_data_ptr<T>() : nullptr;
+  if (has_m_term) mm_out(strided<T>(st.step_buf, const_cast<T*>(S), B, d, d, 1), strided<T>(st.p_buf, P, B, kc, width, 1), m_mat);
+  if (r > 0) {
+    mm_out(strided<T>(st.step_u_buf, const_cast<T*>(SU), B, d, d, 1), strided<T>(st.p_buf, P + kc, B, kc * r, width, 1),
+           strided<T>(st.acc, const_cast<T*>(U), kc * r, d, uc, uj));
+  }
   for (int64_t b = 0; b < B; ++b) {
     const T alpha = st.alpha[b];
-    for (int64_t j = 0; j < d; ++j) acc[b * d + j] = acc[b * d + j] * alpha + S[b * d + j];
+    for (int64_t j = 0; j < d; ++j) {
+      T v = acc[b * d + j] * alpha;
+      if (has_m_term) v += S[b * d + j];
+      if (r > 0) v += SU[b * d + j];
+      acc[b * d + j] = v;
+    }
   }
 }
 
@@ -351,10 +394,10 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
   MixtureData<T> in;
   in.a = &a;
   in.score = score;
-  in.means = dense(means);
-  if (bases) in.bases = dense(*bases);
+  in.means = means;  // read in place with its strides (a contiguous copy would be a pass over K d (1 + r))
+  if (bases) in.bases = *bases;
   {
-    const std::vector<double> c = center ? to_vector<double>(*center) : mean_of_means(in.means);
+    const std::vector<double> c = center ? to_vector<double>(*center) : mean_of_means(dense(means));
     in.ctr.assign(c.begin(), c.end());
   }
   in.xr = new_tensor<T>({B, d});
@@ -388,10 +431,12 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
     st.run_x.assign(B, T(0));
     st.acc = new_tensor<T>({B, d});
     std::fill_n(st.acc.template mutable_data_ptr<T>(), B * d, T(0));
-    st.w_buf = new_tensor<T>({width * d});
+    st.m_buf = new_tensor<T>({chunk * d});
+    if (r > 0) st.u_buf = new_tensor<T>({chunk * r * d});
     st.xw_buf = new_tensor<T>({B * width});
     st.p_buf = new_tensor<T>({B * width});
     st.step_buf = new_tensor<T>({B * d});
+    if (r > 0) st.step_u_buf = new_tensor<T>({B * d});
     st.mnorm.resize(chunk);
     st.t.resize(chunk * r);
     st.logit.resize(chunk);
