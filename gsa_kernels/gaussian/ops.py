@@ -14,7 +14,7 @@ from .. import _library
 from .._core.dtypes import compute_dtype
 from .._core.errors import call_op
 from .._validation import check_finite, check_nonneg, sigma_arg
-from . import cuda, meta  # noqa: F401  (registers the CUDA and fake kernels)
+from . import autograd, cuda, meta  # noqa: F401  (registers the autograd, CUDA and fake kernels)
 
 _library.load_library()
 

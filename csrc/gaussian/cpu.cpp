@@ -1,0 +1,190 @@
+// CPU kernels of the Gaussian ops (docs/math.md section 2.1): project, scale per mode, project back.
+//   c = U^T (x - mu),  out = [mu] + f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) c]
+// The two GEMMs go through the dispatcher (aten::mm); the centring, the per-mode scaling and the final
+// combination are fused loops.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+
+#include <cmath>
+#include <vector>
+
+#include "aten_call.h"
+#include "checks.h"
+#include "gaussian/map_kind.h"
+
+namespace gsa {
+namespace {
+
+struct GaussianArgs {
+  int64_t batch, dim, rank;
+  ScalarType ctype;
+};
+
+GaussianArgs check_gaussian(const Tensor& x, const Tensor& mean, const Tensor& basis, const Tensor* eigvals,
+                            const Tensor* lam_perp) {
+  const int64_t dim = check_x(x);
+  const int64_t batch = x.size(0);
+  check_float(mean, "mean");
+  check_float(basis, "basis");
+  check_same_device(mean, x, "mean");
+  check_same_device(basis, x, "basis");
+  GSA_CHECK(mean.dim() == 1 && mean.size(0) == dim, "mean must have shape [d] = [", dim,
+                  "] to match x of shape ", shape_of(x), ", got ", shape_of(mean));
+  GSA_CHECK(basis.dim() == 2 && basis.size(0) == dim, "basis must have shape [d, r] with d = ", dim,
+                  ", got ", shape_of(basis));
+  const int64_t rank = basis.size(1);
+  GSA_CHECK(rank >= 1 && rank <= dim, "basis must have 1 <= r <= d = ", dim, ", got r = ", rank);
+  ScalarType ctype = compute_dtype({&x, &mean, &basis});
+  if (eigvals) {
+    check_float(*eigvals, "eigvals");
+    check_same_device(*eigvals, x, "eigvals");
+    GSA_CHECK(eigvals->dim() == 1 && eigvals->size(0) == rank, "eigvals must have shape [r] = [", rank,
+                    "], got ", shape_of(*eigvals));
+    check_finite_nonneg(*eigvals, "eigvals");
+    ctype = compute_dtype({&x, &mean, &basis, eigvals});
+  }
+  if (lam_perp) {
+    check_float(*lam_perp, "lam_perp");
+    check_same_device(*lam_perp, x, "lam_perp");
+    GSA_CHECK(lam_perp->numel() == 1, "lam_perp must be a scalar tensor, got shape ", shape_of(*lam_perp));
+    check_finite_nonneg(*lam_perp, "lam_perp");
+  }
+  return {batch, dim, rank, ctype};
+}
+
+Tensor as_dtype(const Tensor& t, ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+}
+
+// Runs f(row0, row1) over the rows of a [rows, width] elementwise pass, in parallel when it is big
+// enough to pay for the fork.
+template <class F>
+void for_rows(int64_t rows, int64_t width, const F& f) {
+  constexpr int64_t kGrainElements = int64_t(1) << 15;
+  if (rows * width < 2 * kGrainElements || rows < 2) {
+    f(int64_t(0), rows);
+    return;
+  }
+  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1)), f);
+}
+
+// xc = x - mu as a [B, d] tensor of the compute type T (x read in its own dtype).
+template <class T>
+Tensor centred(const Tensor& x, const std::vector<T>& mu, int64_t batch, int64_t dim) {
+  const Tensor xs = dense(x);
+  Tensor xc = torch::stable::empty({batch, dim}, torch::headeronly::CppTypeToScalarType<T>::value);
+  T* out = xc.mutable_data_ptr<T>();
+  visit_float(xs, [&](const auto* px) {
+    for_rows(batch, dim, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t j = 0; j < dim; ++j) out[b * dim + j] = static_cast<T>(px[b * dim + j]) - mu[j];
+      }
+    });
+  });
+  return xc;
+}
+
+// f(l) of docs/math.md section 2.1 for the map; s_a is sigma (or sigma_from), s_b is sigma_to.
+template <class T>
+inline T mode_factor(MapKind map, T l, T s_a, T s_b) {
+  const T s2 = s_a * s_a;
+  switch (map) {
+    case MapKind::Denoise: return l / (l + s2);
+    case MapKind::Score: return T(-1) / (l + s2);
+    case MapKind::Teleport: return std::sqrt((l + s_b * s_b) / (l + s2));
+  }
+  return T(0);
+}
+
+Tensor to_output(Tensor out, const Tensor& x) {
+  if (x.dim() != 2) out = torch::stable::view(out, x.sizes());
+  return as_dtype(out, x.scalar_type());
+}
+
+template <class T>
+Tensor gaussian_map_impl(MapKind map, const GaussianArgs& a, const Tensor& x, const Tensor& mean,
+                         const Tensor& basis, const Tensor& eigvals, const Tensor& lam_perp,
+                         const Tensor& sigma_a, const Tensor& sigma_b) {
+  const int64_t B = a.batch, d = a.dim, r = a.rank;
+  const auto mu = to_vector<T>(mean);
+  const auto lam = to_vector<T>(eigvals);
+  const T lp = to_vector<T>(lam_perp)[0];
+  const auto s_a = sigma_rows<T>(sigma_a, B);
+  const auto s_b = sigma_rows<T>(sigma_b, B);
+  const Tensor U = as_dtype(basis, a.ctype);
+  const Tensor xc = centred<T>(x, mu, B, d);
+  Tensor g = mm(xc, U);  // [B, r] coefficients c, scaled in place below
+  T* pg = g.mutable_data_ptr<T>();
+  // Full rank: there is no orthogonal complement, so no f(lam_perp) term (and no pass over x for it).
+  // Dropping it also avoids the cancellation f_perp (x - mu) - U (f_perp c), which is catastrophic when
+  // f_perp is large.
+  const bool full_rank = r == d;
+  std::vector<T> f_perp(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    f_perp[b] = full_rank ? T(0) : mode_factor(map, lp, s_a[b], s_b[b]);
+    for (int64_t k = 0; k < r; ++k) pg[b * r + k] *= mode_factor(map, lam[k], s_a[b], s_b[b]) - f_perp[b];
+  }
+  Tensor out = mm(g, torch::stable::transpose(U, 0, 1));  // [B, d], completed in place
+  T* po = out.mutable_data_ptr<T>();
+  const T* pxc = xc.const_data_ptr<T>();
+  const bool add_mean = map != MapKind::Score;
+  if (!full_rank || add_mean) {
+    for_rows(B, d, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const T fp = f_perp[b];
+        for (int64_t j = 0; j < d; ++j) {
+          const T base = add_mean ? mu[j] + pxc[b * d + j] * fp : pxc[b * d + j] * fp;
+          po[b * d + j] += base;
+        }
+      }
+    });
+  }
+  return to_output(out, x);
+}
+
+Tensor gaussian_map_cpu(MapKind map, const Tensor& x, const Tensor& mean, const Tensor& basis,
+                        const Tensor& eigvals, const Tensor& lam_perp, const Tensor& sigma_a,
+                        const Tensor& sigma_b) {
+  const auto a = check_gaussian(x, mean, basis, &eigvals, &lam_perp);
+  check_sigma(sigma_a, a.batch, x, map == MapKind::Teleport ? "sigma_from" : "sigma", /*allow_zero=*/false);
+  if (map == MapKind::Teleport) check_sigma(sigma_b, a.batch, x, "sigma_to", /*allow_zero=*/true);
+  return a.ctype == ScalarType::Double
+             ? gaussian_map_impl<double>(map, a, x, mean, basis, eigvals, lam_perp, sigma_a, sigma_b)
+             : gaussian_map_impl<float>(map, a, x, mean, basis, eigvals, lam_perp, sigma_a, sigma_b);
+}
+
+template <class T>
+Tensor project_impl(const GaussianArgs& a, const Tensor& x, const Tensor& mean, const Tensor& basis) {
+  const Tensor xc = centred<T>(x, to_vector<T>(mean), a.batch, a.dim);
+  return as_dtype(mm(xc, as_dtype(basis, a.ctype)), x.scalar_type());
+}
+
+Tensor project_cpu(Tensor x, Tensor mean, Tensor basis) {
+  const auto a = check_gaussian(x, mean, basis, nullptr, nullptr);
+  return a.ctype == ScalarType::Double ? project_impl<double>(a, x, mean, basis)
+                                       : project_impl<float>(a, x, mean, basis);
+}
+
+Tensor gaussian_denoise_cpu(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma) {
+  return gaussian_map_cpu(MapKind::Denoise, x, mean, basis, eigvals, lam_perp, sigma, sigma);
+}
+
+Tensor gaussian_score_cpu(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma) {
+  return gaussian_map_cpu(MapKind::Score, x, mean, basis, eigvals, lam_perp, sigma, sigma);
+}
+
+Tensor teleport_cpu(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma_from,
+                    Tensor sigma_to) {
+  return gaussian_map_cpu(MapKind::Teleport, x, mean, basis, eigvals, lam_perp, sigma_from, sigma_to);
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(gsa, CPU, m) {
+  m.impl("project", TORCH_BOX(&project_cpu));
+  m.impl("gaussian_denoise", TORCH_BOX(&gaussian_denoise_cpu));
+  m.impl("gaussian_score", TORCH_BOX(&gaussian_score_cpu));
+  m.impl("teleport", TORCH_BOX(&teleport_cpu));
+}
+
+}  // namespace gsa
