@@ -242,9 +242,11 @@ class StreamedDeltaMixture(_Mixture):
     def partial(self, x, sigma, *, score=False, return_weights=False, center=None):
         if return_weights:
             raise ValueError("return_weights: StreamedDeltaMixture does not return [B, N] posterior weights")
+        s = self._sigma(x, sigma)
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the mixture streams to {self.device}")
-        s = self._sigma(x, sigma)
+        if math.prod(x.shape[1:]) != self.dim:
+            raise ValueError(f"x must have shape [B, ...] with prod(...) = d = {self.dim}, got {tuple(x.shape)}")
         ctr = self.center if center is None else center
         out = log_z = None
         for start, pts in self._chunks():
@@ -252,11 +254,17 @@ class StreamedDeltaMixture(_Mixture):
             if self._log_weights is not None:
                 lw = self._log_weights[start:start + pts.shape[0]].to(self.device, non_blocking=True)
             o, lz = torch.ops.gsa.delta_mixture_forward(x, pts, lw, s, ctr, score)
+            # The running merge is kept in float64: B x d numbers, and the chunks' rounding does not add up.
+            o, lz = o.to(torch.float64), lz.to(torch.float64)
             if out is None:
                 out, log_z = o, lz
             else:
                 out, log_z = merge_normalized(torch.stack([out, o]), torch.stack([log_z, lz]))
-        return out, log_z, None
+        return out.to(x.dtype), log_z.to(self._log_z_dtype(x)), None
+
+    def _log_z_dtype(self, x):
+        return torch.float64 if torch.float64 in (x.dtype, self.source.dtype) or (
+            self._log_weights is not None and self._log_weights.dtype == torch.float64) else torch.float32
 
     # -- streaming --------------------------------------------------------------------------------
     def _mean_and_check(self) -> torch.Tensor:
