@@ -273,7 +273,7 @@ class StreamedDeltaMixture(_Mixture):
         for start, pts in self._chunks():
             if not bool(torch.isfinite(pts).all()):
                 raise ValueError(f"points has non-finite values (NaN or inf) in rows from {start}")
-            total += pts.to(torch.float64).sum(0)
+            total += pts.sum(0, dtype=torch.float64)   # no float64 copy of the chunk
         return total / self.n_points
 
     def _chunks(self):
