@@ -1,7 +1,7 @@
 """GMM.fit: k-means clustering, then one Gaussian per cluster from its moments (docs/math.md section 3).
 
-The algorithm is k-means plus per-cluster moments, not EM (an EM refinement was measured and did not
-improve held-out log-likelihood enough to ship: docs/fitting.md). Every step streams over batches, so data
+The algorithm is k-means plus per-cluster moments, not EM (EM refinement was measured: it helps on
+overlapping clusters and overfits on the digits; see docs/fitting.md). Every step streams over batches, so data
 may be a tensor or a DataLoader bigger than memory, and sharded over torch.distributed ranks:
 
 1. One pass: the sample count, per-coordinate variances (for the tolerance) and an init sample of
