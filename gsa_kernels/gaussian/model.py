@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import frames
 from .._core.dtypes import compute_dtype
-from .._validation import FLOAT_DTYPES, check_finite, check_orthonormal, check_tensor, owned
+from .._validation import FLOAT_DTYPES, check_orthonormal, check_tensor, owned
 from .._validation import orthonormalize as _orthonormalize
 from . import meta, ops
 
@@ -138,52 +138,31 @@ class GaussianModel(nn.Module):
         return cls(state_dict["mean"], state_dict["basis"], state_dict["eigvals"], state_dict["lam_perp"])
 
     @classmethod
-    def fit(cls, data, rank: int | None = None, *, device=None, dtype=torch.float32) -> "GaussianModel":
-        """Fit mean and covariance eigenbasis to data.
+    def fit(cls, data, rank: int | None = None, *, method: str = "auto", n_passes: int = 10,
+            oversampling: int = 10, tol: float | None = 1e-5, seed: int = 0, device=None, dtype=torch.float32,
+            sharded: bool = False, group=None, verbose: bool = False) -> "GaussianModel":
+        """Fit mean and covariance eigenbasis to data (unbiased covariance, divides by N - 1).
 
         data: a tensor [N, ...] or an iterable of such batches (a DataLoader yielding tensors or
         (tensor, label) tuples). Moments are accumulated in float64 and centred per batch, then merged
         (Chan et al.), so float32 cancellation never eats the small-eigenvalue tail (docs/math.md section 3.1).
         rank: keep the top `rank` modes; lam_perp is then the mean of the discarded eigenvalues.
-        The covariance is the unbiased one (divides by N - 1).
+        method: "full" (d x d scatter + eigh, one pass), "lowrank" (streamed randomized subspace iteration
+        in O(d (rank + oversampling)) memory, at most n_passes passes; data must be re-iterable) or "auto"
+        (full for d <= 4096 or rank None, else lowrank). seed fixes the low-rank probe vectors; tol stops
+        the passes once every kept Ritz pair has ||C u - lam u|| <= tol * lam (None: all n_passes), which
+        bounds the eigenvalue error by ~ tol^2 lam^2 / gap and the subspace angle by ~ tol lam / gap. sharded: each torch.distributed
+        rank (of `group`) passes its own shard and all ranks get the fit of the union. verbose: progress.
+        The fit's details (method, passes, low-rank residuals, sample count) are in `model.fit_info_`.
+        See gsa_kernels.gaussian.fit and docs/fitting.md.
         """
-        n, mean, scatter = 0, None, None
-        batches = [data] if isinstance(data, torch.Tensor) else data
-        for batch in batches:
-            if isinstance(batch, (tuple, list)):
-                batch = batch[0]
-            check_tensor("data", batch)
-            if batch.dim() < 2:
-                raise ValueError(f"data batches must have shape [N, ...], got {tuple(batch.shape)}")
-            xb = batch.reshape(batch.shape[0], -1)
-            if device is not None:
-                xb = xb.to(device)
-            xb = xb.to(torch.float64)
-            nb = xb.shape[0]
-            if nb == 0:
-                continue
-            check_finite("data", xb)
-            mb = xb.mean(0)
-            cb = xb - mb
-            sb = cb.T @ cb
-            if mean is None:
-                n, mean, scatter = nb, mb, sb
-            else:
-                if mb.shape != mean.shape:
-                    raise ValueError(f"data batches disagree on d: {mean.shape[0]} then {mb.shape[0]}")
-                delta = mb - mean
-                total = n + nb
-                mean = mean + delta * (nb / total)
-                scatter = scatter + sb + torch.outer(delta, delta) * (n * nb / total)
-                n = total
-        if mean is None or n < 2:
-            raise ValueError("data must hold at least 2 samples")
-        d = mean.shape[0]
-        if rank is not None and not 1 <= rank <= d:
-            raise ValueError(f"rank must lie in [1, d = {d}], got {rank}")
-        cov = scatter / (n - 1)
-        evals, evecs = torch.linalg.eigh(cov)
-        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
-        r = d if rank is None else rank
-        lam_perp = evals[r:].mean() if r < d else torch.zeros((), dtype=torch.float64, device=evals.device)
-        return cls(mean.to(dtype), evecs[:, :r].contiguous().to(dtype), evals[:r].to(dtype), lam_perp.to(dtype))
+        from .fit import fit_gaussian
+
+        res = fit_gaussian(data, rank, method=method, n_passes=n_passes, oversampling=oversampling, tol=tol,
+                           seed=seed, device=device, sharded=sharded, group=group, verbose=verbose)
+        model = cls(res.mean[0].to(dtype), res.basis[0].to(dtype), res.eigvals[0].to(dtype),
+                    res.lam_perp[0].to(dtype))
+        model.fit_info_ = {"method": res.method, "n_passes": res.n_passes, "n_samples": int(res.count[0]),
+                           "total_variance": float(res.trace[0]),
+                           "residuals": None if res.residuals is None else res.residuals[0]}
+        return model

@@ -8,9 +8,6 @@ same way); a call only checks what the op checks (meta.py, the C++ kernels).
 """
 from __future__ import annotations
 
-import math
-import warnings
-
 import torch
 from torch import nn
 
@@ -19,9 +16,6 @@ from .._core.errors import call_op
 from .._validation import FLOAT_DTYPES, check_orthonormal, check_tensor, owned, sigma_arg
 from .._validation import orthonormalize as orthonormalize_columns
 from . import meta, ops
-
-_ROWS_PER_STEP = 1 << 15
-_check_finite_chunked = ops.check_finite_rows  # the name GMM.fit uses
 
 
 class Mixture(nn.Module):
@@ -166,38 +160,32 @@ class GMM(Mixture):
                    state_dict["lam_perp"])
 
     @classmethod
-    def fit(cls, data, n_components: int, rank: int = 0, seed: int = 0, *, n_iter: int = 50,
-            dtype=torch.float32) -> "GMM":
-        """k-means (k-means++ init, seeded; Lloyd iterations on data's device) then per-cluster moments.
+    def fit(cls, data, n_components: int, rank: int = 0, seed: int = 0, *, n_iter: int = 50, tol: float = 1e-4,
+            init=None, init_size: int | None = None, method: str = "auto", n_passes: int = 10,
+            oversampling: int = 10, device=None, dtype=torch.float32, sharded: bool = False, group=None,
+            verbose: bool = True) -> "GMM":
+        """k-means, then per-cluster moments (not EM): streamed over data, a tensor [n, ...] or a
+        re-iterable of batches (a DataLoader of tensors or (tensor, label) tuples), on `device`.
 
-        Each cluster j gets weight n_j / n, its mean, the top-`rank` eigenpairs of its covariance
-        (maximum likelihood, 1/n_j, accumulated in float64 after centring) and lam_perp_j = mean of the
-        discarded eigenvalues = (trace - sum of kept) / (d - rank). Covariances are never stored: one
-        d x d float64 matrix exists at a time, inside eigh, and a cluster with n_j < d uses the n_j x n_j
-        Gram matrix instead. Singleton clusters are delta components (zero covariance); clusters that
-        stay empty (fewer distinct points than components) are dropped with a warning.
+        k-means++ (seeded) on an init sample of `init_size` rows, then Lloyd iterations (one pass each,
+        sums in float64) until the squared centre shift is <= tol * mean variance or n_iter passes. Each
+        cluster j gets weight n_j / n, its mean, the top-`rank` eigenpairs of its maximum-likelihood
+        covariance (1/n_j) and lam_perp_j = mean of the discarded eigenvalues; method "full" (K d x d
+        scatters, eigh), "lowrank" (streamed subspace iteration, n_passes passes, O(K d (rank +
+        oversampling)) memory) or "auto". Singleton clusters are delta components; clusters that stay
+        empty are dropped with a warning. sharded: each torch.distributed rank passes its own shard.
+        verbose: progress bars (tqdm). The model gets n_iter_, converged_ and inertia_ (sum of squared
+        distances to the cluster means). See gsa_kernels.mixture.fit and docs/fitting.md.
         """
-        check_tensor("data", data)
-        if data.dim() < 2:
-            raise ValueError(f"data must have shape [n, ...], got {tuple(data.shape)}")
-        X = data.reshape(data.shape[0], -1)
-        n, d = X.shape
-        if not isinstance(n_components, int) or n_components < 1:
-            raise ValueError(f"n_components must be a positive int, got {n_components!r}")
-        if n_components > n:
-            raise ValueError(f"n_components must be <= the number of samples ({n}), got {n_components}")
-        if not isinstance(rank, int) or not 0 <= rank <= d:
-            raise ValueError(f"rank must be an int in [0, d = {d}], got {rank!r}")
-        _check_finite_chunked("data", X)
-        gen = torch.Generator(device=X.device).manual_seed(seed)
-        labels = _kmeans(X, n_components, n_iter, gen)
-        params = [_cluster_moments(X[labels == j], rank, n, gen) for j in range(n_components)]
-        kept = [p for p in params if p is not None]
-        if len(kept) < n_components:
-            warnings.warn(f"GMM.fit: {n_components - len(kept)} empty cluster(s) dropped "
-                          f"(the data has fewer distinct points than n_components)")
-        log_w, mean, basis, eig, lam_perp = (torch.stack([p[i] for p in kept]).to(dtype) for i in range(5))
-        return cls(log_w, mean, basis, eig, lam_perp)
+        from .fit import fit_gmm
+
+        res = fit_gmm(data, n_components, rank, seed, n_iter=n_iter, tol=tol, init=init, init_size=init_size,
+                      method=method, n_passes=n_passes, oversampling=oversampling, device=device,
+                      sharded=sharded, group=group, verbose=verbose)
+        model = cls(res.log_weights.to(dtype), res.means.to(dtype), res.bases.to(dtype), res.eigvals.to(dtype),
+                    res.lam_perp.to(dtype))
+        model.n_iter_, model.converged_, model.inertia_ = res.n_iter, res.converged, res.inertia
+        return model
 
 
 class DeltaMixture(Mixture):
@@ -278,97 +266,3 @@ class DeltaMixture(Mixture):
         """A new model from a state_dict(), checked and copied as by the constructor; without a
         log_weights entry the weights are uniform."""
         return cls(state_dict["points"], state_dict.get("log_weights"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Fitting helpers.
-def _sq_dist_to_centers(X: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """[n, K] squared distances, a slab of rows at a time, by the expansion centred on the centres' mean."""
-    ref = centers.mean(0)
-    c = (centers - ref).to(torch.float32 if X.dtype != torch.float64 else torch.float64)
-    cn = (c * c).sum(1)
-    out = torch.empty((X.shape[0], centers.shape[0]), dtype=c.dtype, device=X.device)
-    step = max(1, (1 << 22) // max(centers.shape[0], X.shape[1]))
-    for i in range(0, X.shape[0], step):
-        xr = X[i:i + step].to(c.dtype) - ref.to(c.dtype)
-        out[i:i + step] = ((xr * xr).sum(1, keepdim=True) - 2 * xr @ c.T + cn).clamp_min_(0)
-    return out
-
-
-def _kmeans(X: torch.Tensor, k: int, n_iter: int, gen: torch.Generator) -> torch.Tensor:
-    n = X.shape[0]
-    # k-means++: each new centre is a point drawn with probability proportional to D(x)^2.
-    first = int(torch.randint(n, (1,), generator=gen, device=X.device))
-    centers = X[first:first + 1].to(torch.float64)
-    d2 = _sq_dist_to_centers(X, centers)[:, 0].double()
-    for _ in range(1, k):
-        if float(d2.sum()) > 0:
-            nxt = int(torch.multinomial(d2, 1, generator=gen))
-        else:  # every point coincides with a centre already
-            nxt = int(torch.randint(n, (1,), generator=gen, device=X.device))
-        centers = torch.cat([centers, X[nxt:nxt + 1].to(torch.float64)])
-        d2 = torch.minimum(d2, _sq_dist_to_centers(X, centers[-1:])[:, 0].double())
-    # Lloyd iterations; sums in float64.
-    labels = None
-    for _ in range(n_iter):
-        dist = _sq_dist_to_centers(X, centers)
-        best, new_labels = dist.min(dim=1)
-        if labels is not None and torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-        sums = torch.zeros_like(centers)
-        for i in range(0, n, _ROWS_PER_STEP):
-            sums.index_add_(0, labels[i:i + _ROWS_PER_STEP], X[i:i + _ROWS_PER_STEP].to(torch.float64))
-        counts = torch.bincount(labels, minlength=k).to(torch.float64)
-        centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
-        empty = torch.nonzero(counts == 0).flatten()
-        if empty.numel():  # re-seed each empty cluster at a point far from its centre
-            far = torch.topk(best, min(empty.numel(), n)).indices
-            centers[empty[: far.numel()]] = X[far].to(torch.float64)
-    return _sq_dist_to_centers(X, centers).argmin(dim=1)
-
-
-def _complete_basis(U: torch.Tensor, r: int, gen: torch.Generator) -> torch.Tensor:
-    """Extend orthonormal columns U [d, m] to r orthonormal columns (the new ones span zero-variance directions)."""
-    d, m = U.shape
-    if m >= r:
-        return U[:, :r]
-    extra = torch.randn(d, r - m, generator=gen, device=U.device, dtype=torch.float64)
-    for _ in range(2):  # project out U twice for orthogonality to float64 precision
-        extra = extra - U @ (U.T @ extra)
-    q, _ = torch.linalg.qr(extra)
-    return torch.cat([U, q], dim=1)
-
-
-def _cluster_moments(Xj: torch.Tensor, rank: int, n: int, gen: torch.Generator):
-    """(log weight, mean, basis [d, rank], eigvals [rank], lam_perp) of one cluster, in float64."""
-    nj, d = Xj.shape
-    if nj == 0:
-        return None
-    mean = ops.mean_of_rows(Xj)
-    trace = torch.zeros((), dtype=torch.float64, device=Xj.device)
-    if nj >= d:
-        cov = torch.zeros((d, d), dtype=torch.float64, device=Xj.device)
-        for i in range(0, nj, _ROWS_PER_STEP):
-            xc = Xj[i:i + _ROWS_PER_STEP].to(torch.float64) - mean
-            cov += xc.T @ xc
-        cov /= nj
-        trace = cov.diagonal().sum()
-        evals, evecs = torch.linalg.eigh(cov)
-        del cov
-        evals, U = evals.flip(0)[:rank].clamp_min(0), evecs.flip(1)[:, :rank]
-    else:
-        # Gram trick: X_c X_c^T / n_j shares the nonzero eigenvalues; U = X_c^T V / sqrt(n_j lam).
-        xc = Xj.to(torch.float64) - mean
-        gram = xc @ xc.T / nj
-        trace = gram.diagonal().sum()
-        evals, V = torch.linalg.eigh(gram)
-        evals, V = evals.flip(0).clamp_min(0), V.flip(1)
-        tol = float(evals[0]) * nj * torch.finfo(torch.float64).eps * 10 if nj else 0.0
-        keep = int((evals[:rank] > tol).sum())
-        U = (xc.T @ V[:, :keep]) / torch.sqrt(nj * evals[:keep])
-        U = _complete_basis(U, rank, gen)
-        evals = torch.cat([evals[:keep], evals.new_zeros(rank - keep)])
-    lam_perp = ((trace - evals.sum()).clamp_min(0) / (d - rank)) if rank < d else trace.new_zeros(())
-    log_w = torch.tensor(math.log(nj / n), dtype=torch.float64, device=Xj.device)
-    return log_w, mean, U.contiguous(), evals, lam_perp

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import gsa_kernels
-from gsa_kernels.mixture import model as M
+from gsa_kernels.mixture.fit import cluster_moments
 from gsa_kernels.mixture import reference as R
 from helpers import close_points, gen, queries, random_gmm, rel_err
 
@@ -135,7 +135,7 @@ def test_cluster_moments_gram_trick_matches_full_covariance():
     g = gen(1)
     X = torch.randn(12, 40, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 40, dtype=torch.float64)
     for rank in (3, 11, 15):  # 15 > n_j - 1 = 11 nonzero eigenvalues: completed with zero-variance directions
-        log_w, mean, U, evals, lam_perp = M._cluster_moments(X, rank, 24, g)
+        log_w, mean, U, evals, lam_perp = cluster_moments(X, rank, 24, g)
         cov = torch.cov(X.T, correction=0)
         ev, vec = torch.linalg.eigh(cov)
         ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
