@@ -177,18 +177,25 @@ def gaussian_map(map_id: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch
     return out
 
 
-def aot_cases():
-    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): the projection
-    and every map at both tile shapes in float32/ieee, and every storage type x precision for teleport.
-    FULL_RANK is a property of the model (r == d) and takes the same value in the two kernels of a launch;
-    the map cases pair the small tile with full rank and the large tile with low rank, so that each
-    kernel compiles in both rank variants and both tile shapes without compiling every combination."""
+def aot_cases(full: bool = False):
+    """Launch configurations for gsa_kernels.triton_aot (compile for a GPU architecture without a GPU).
+
+    full=False: the projection and every map at both tile shapes in float32/ieee, and every storage type
+    x precision for teleport. FULL_RANK is a property of the model (r == d) and takes the same value in
+    the two kernels of a launch; the map cases pair the small tile with full rank and the large tile with
+    low rank, so that each kernel compiles in both rank variants and both tile shapes.
+    full=True: besides, every tile entry (B <= 16, B > 16) of every map in every precision mode."""
     scalars = {"B": "i32", "D": "i32", "R": "i32"}
     combos = [(map_kind.PROJECT, "*fp32", "ieee", b, True) for b in (1, 256)]
     combos += [(m, "*fp32", "ieee", b, full) for m in (map_kind.DENOISE, map_kind.SCORE, map_kind.TELEPORT)
                for b, full in ((1, True), (256, False))]
     combos += [(map_kind.TELEPORT, t, "ieee", 256, False) for t in ("*fp16", "*bf16")]
     combos += [(map_kind.TELEPORT, "*fp32", p, 256, False) for p in ("tf32x3", "tf32")]
+    if full:
+        combos += [(m, "*fp32", p, b, full_rank)
+                   for m in (map_kind.PROJECT, map_kind.DENOISE, map_kind.SCORE, map_kind.TELEPORT)
+                   for p in ("tf32x3", "tf32") for b, full_rank in ((1, True), (256, False))]
+        combos += [(map_kind.PROJECT, "*fp32", p, 256, True) for p in ("tf32x3", "tf32")]
     for map_id, x_type, precision, batch, full_rank in combos:
         bb, br, bd = _blocks(batch)
         ptrs = dict.fromkeys(["mean_ptr", "basis_ptr", "eig_ptr", "lam_perp_ptr", "sa_ptr", "sb_ptr", "g_ptr"], "*fp32")

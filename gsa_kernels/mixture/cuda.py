@@ -40,7 +40,7 @@ def _check_values_once(log_weights, eigvals=None, lam_perp=None, center=None) ->
                            ("eigvals", eigvals, lambda t: check_nonneg("eigvals", t)),
                            ("lam_perp", lam_perp, lambda t: check_nonneg("lam_perp", t)),
                            ("center", center, lambda t: check_finite("center", t))):
-        if t is not None and t.device.type != "cpu" and values_readable(t):
+        if t is not None and values_readable(t):
             cached(("values checked", name), (t,), lambda: check(t) or True)
 
 

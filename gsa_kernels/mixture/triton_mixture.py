@@ -230,8 +230,8 @@ def _gmm_partial_kernel(
                                  other=0.0).to(ACC)
                     mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
                     xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
-                    ut = tl.load(base_k + dd[:, None] * R + modes[None, :], mask=d_ok[:, None] & mode_ok[None, :],
-                                 other=0.0).to(ACC)
+                    ut = tl.load(base_k + dd.to(tl.int64)[:, None] * R + modes[None, :],
+                                 mask=d_ok[:, None] & mode_ok[None, :], other=0.0).to(ACC)
                     c += tl.dot(xc, ut, input_precision=PRECISION)
                 lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
                 v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
@@ -291,8 +291,8 @@ def _gmm_partial_kernel(
                     lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
                     v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
                     g = _gmm_mode_gain(p, cm, lam, lam_perp, v, FULL_RANK, SCORE) * c
-                    ut_t = tl.load(base_k + dd[None, :] * R + modes[:, None], mask=mode_ok[:, None] & d_ok[None, :],
-                                   other=0.0).to(ACC)
+                    ut_t = tl.load(base_k + dd.to(tl.int64)[None, :] * R + modes[:, None],
+                                   mask=mode_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
                     acc += tl.dot(g.to(ACC), ut_t, input_precision=PRECISION)
             tl.store(a_ptrs, acc, mask=amask)
         # The next component reloads these acc tiles (and rewrites the scratch), possibly in other threads.
@@ -424,9 +424,13 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     return out, merged.log_w - 0.5 * D * (LOG2PI + torch.log(s2)), weights
 
 
-def aot_cases():
-    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): the tile
-    tables of both kernels, float32 and float64 accumulators, half points, each precision mode."""
+def aot_cases(full: bool = False):
+    """Launch configurations for gsa_kernels.triton_aot (compile for a GPU architecture without a GPU).
+
+    full=False: a representative subset (both kernels, both accumulators, half points, each precision).
+    full=True: every entry of both tile tables, float32 entries in every precision mode, each with the
+    points storage types and kernel variants that use the most registers (low-rank GMM with lam_perp and
+    stored logits; full-rank score)."""
     def delta(dt, pts, prec, big):
         bb, bn, bd, warps = _DELTA_BLOCKS[(dt == "fp32", big)]
         ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr", "max_ptr", "sum_ptr")}
@@ -434,19 +438,35 @@ def aot_cases():
                                        "HAS_LW": True, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
                                        "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps}
 
-    def gmm(dt, prec, big, full, score):
+    def gmm(dt, prec, big, full_rank, score):
         bb, bd, warps = _GMM_BLOCKS[(dt == "fp32", big)]
         names = ("x_ptr", "means_ptr", "bases_ptr", "eig_ptr", "lp_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr",
                  "max_ptr", "sum_ptr", "xsum_ptr", "logit_ptr", "c_ptr")
         return _gmm_partial_kernel, {**{n: "*" + dt for n in names}, **dict.fromkeys(("B", "K", "D", "R", "k_per_split"), "i32"),
-                                     "HAS_BASES": True, "HAS_LP": not full, "FULL_RANK": full, "STORE_LOGITS": True,
+                                     "HAS_BASES": True, "HAS_LP": not full_rank, "FULL_RANK": full_rank, "STORE_LOGITS": True,
                                      "SCORE": score, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
                                      "BLOCK_B": bb, "BLOCK_D": bd, "BLOCK_R": _GMM_MAX_BLOCK_R, "num_warps": warps}
 
-    yield delta("fp32", "fp32", "ieee", True)
-    yield delta("fp32", "bf16", "tf32x3", False)
-    yield delta("fp32", "fp16", "tf32", True)
-    yield delta("fp64", "fp64", "ieee", True)
-    yield gmm("fp32", "tf32x3", True, False, False)
-    yield gmm("fp32", "ieee", False, True, True)
-    yield gmm("fp64", "ieee", True, False, True)
+    if not full:
+        yield delta("fp32", "fp32", "ieee", True)
+        yield delta("fp32", "bf16", "tf32x3", False)
+        yield delta("fp32", "fp16", "tf32", True)
+        yield delta("fp64", "fp64", "ieee", True)
+        yield gmm("fp32", "tf32x3", True, False, False)
+        yield gmm("fp32", "ieee", False, True, True)
+        yield gmm("fp64", "ieee", True, False, True)
+        return
+    for is_f32, big in _DELTA_BLOCKS:
+        if is_f32:
+            for prec in AOT_PRECISIONS:
+                for pts in ("fp32", "bf16"):
+                    yield delta("fp32", pts, prec, big)
+        else:
+            yield delta("fp64", "fp64", "ieee", big)
+    for is_f32, big in _GMM_BLOCKS:
+        for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
+            for full_rank, score in ((False, False), (True, True)):
+                yield gmm("fp32" if is_f32 else "fp64", prec, big, full_rank, score)
+
+
+AOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
