@@ -5,7 +5,8 @@ An entry is keyed on the identity of its source tensors and remembers each one's
 (`t._version`, bumped by every in-place write) and a weak reference to it: a source written in place,
 freed, or replaced by a new tensor at the same address misses, so a cached value is never stale. The
 cache holds no source alive; an entry is dropped when a source is freed, and the cache is bounded (least
-recently used out). Tensors that do not track versions (inference tensors) are never cached.
+recently used out). Tensors that do not track versions (inference tensors), sources that require grad
+and calls under torch.compile are never cached.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class DerivedCache:
 
     def get(self, tag, sources: tuple, compute):
         """compute() for these source tensors, from the cache when they are unchanged since it ran."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return compute()  # traced, or part of an autograd graph: a cached value would be wrong there
         versions = self._versions(sources)
         if versions is None:
             return compute()
