@@ -109,11 +109,14 @@ def resource_row(kernel, args: dict, arch: int) -> dict:
 
 def resource_table(arch: int = 90, full: bool = True) -> list[dict]:
     """One row per launch configuration of every module (aot_cases(full))."""
-    rows = []
+    rows, seen = [], set()
     for mod_name in MODULES:
         mod = importlib.import_module(mod_name)
         for kernel, args in mod.aot_cases(full):
-            rows.append(resource_row(kernel, args, arch))
+            key = (kernel.__name__, repr(sorted((k, str(v)) for k, v in args.items())))
+            if key not in seen:  # tile tables may map two keys to one configuration
+                seen.add(key)
+                rows.append(resource_row(kernel, args, arch))
     return rows
 
 
