@@ -56,17 +56,14 @@ def _field(meta, name):
 
 
 def _ctas_per_sm(n_regs, num_warps, shared, props) -> int | None:
-    """Resident CTAs per SM from registers (allocated per warp in units of 256), shared memory and threads."""
+    """Resident CTAs per SM (gsa_kernels._core.launch.ctas_per_sm) with the device's limits."""
+    from gsa_kernels._core.launch import ctas_per_sm
+
     if not n_regs or not num_warps or props is None:
         return None
-    regs_sm = props.get("regs_per_sm") or 65536
-    smem_sm = props.get("shared_per_sm") or 0
-    threads_sm = props.get("threads_per_sm") or 2048
-    regs_per_warp = -(-n_regs * 32 // 256) * 256
-    limits = [regs_sm // (regs_per_warp * num_warps), threads_sm // (32 * num_warps), 32]
-    if shared and smem_sm:
-        limits.append(smem_sm // shared)
-    return max(0, min(limits))
+    return ctas_per_sm(n_regs, num_warps, shared or 0, regs_per_sm=props.get("regs_per_sm") or 65536,
+                       shared_per_sm=props.get("shared_per_sm") or 0,
+                       threads_per_sm=props.get("threads_per_sm") or 2048)
 
 
 def collect(props: dict | None = None) -> list[dict]:

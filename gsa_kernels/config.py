@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
-# Matrix-unit precision of the GPU kernels for float32 data:
-#   "ieee"   - exact float32 products (default; meets the 1e-5 / 1e-4 accuracy contract),
-#   "tf32x3" - split TF32 products (3 MMAs), float32-level accuracy at tensor-core speed,
+import torch
+
+# Matrix-unit precision of the GPU kernels for float32 data (accuracy and speed: docs/precision.md):
+#   "auto"   - the default: "tf32x3" on GPUs with tensor cores (compute capability >= 8.0), "ieee" below;
+#   "ieee"   - exact float32 products on the FP32 units (FFMA),
+#   "tf32x3" - split TF32 products (3 MMAs: hi*hi + hi*lo + lo*hi), float32-level accuracy on tensor cores,
 #   "tf32"   - one TF32 MMA, about 3e-4 relative error per product.
-_PRECISIONS = ("ieee", "tf32x3", "tf32")
-_state = {"precision": "ieee", "validate": True}
+# float64 accumulation always runs "ieee".
+_PRECISIONS = ("auto", "ieee", "tf32x3", "tf32")
+TENSOR_CORE_CAPABILITY = (8, 0)
+_state = {"precision": "auto", "validate": True}
 
 
 def set_precision(precision: str) -> None:
@@ -18,7 +24,28 @@ def set_precision(precision: str) -> None:
 
 
 def get_precision() -> str:
+    """The setting as given ("auto" unless set); kernel_precision() resolves it for a device."""
     return _state["precision"]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def default_precision(capability: tuple[int, int] | None) -> str:
+    """What "auto" means on a device of this compute capability (None: not a CUDA device)."""
+    if capability is not None and tuple(capability) >= TENSOR_CORE_CAPABILITY:
+        return "tf32x3"
+    return "ieee"
+
+
+def kernel_precision(device: torch.device) -> str:
+    """The input_precision the float32 Triton kernels get on `device`."""
+    setting = _state["precision"]
+    if setting != "auto":
+        return setting
+    return default_precision(_capability(device) if device.type == "cuda" else None)
 
 
 @contextlib.contextmanager

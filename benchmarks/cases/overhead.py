@@ -7,15 +7,14 @@ cost the host pays) and latency per call (synchronised after every call), for th
 validation on and off, with a float sigma, the raw torch.ops.gsa call and the eager reference; on CUDA,
 one CUDA-graph replay of the op: host time per replay, device time per replay, and whether the
 replayed output matches the eager call. On a CPU, the "cuda kernel, launch stubbed" row runs the
-Python CUDA kernel of the op (meta check, casts, sigma vectors) on CPU tensors with the Triton launch
-replaced by a no-op: the host time the GPU path adds before its launch.
+Python CUDA kernel on CPU tensors with every Triton launch replaced by a no-op -- for denoise, the
+training-set op and the GMM op (the mixture rows include the merge): the host time the GPU path adds.
 """
 from __future__ import annotations
 
 import contextlib
 import statistics
 import time
-import types
 
 import torch
 from gsa_kernels.gaussian.map_kind import DENOISE
@@ -66,20 +65,64 @@ def _host_and_latency(fn, device, calls, blocks=10):
     return host, statistics.median(latencies)
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+STUBBED_KERNELS = {"gsa_kernels.gaussian.triton_gaussian": ("_project_scale_kernel", "_reconstruct_kernel"),
+                   "gsa_kernels.mixture.triton_mixture": ("_delta_partial_kernel", "_gmm_partial_kernel")}
+
+
 @contextlib.contextmanager
 def stubbed_triton_launch():
-    """The Gaussian CUDA kernels with their Triton launch replaced by a no-op (the output stays unwritten)."""
-    from gsa_kernels.gaussian import cuda
+    """Every Triton kernel of the package replaced by a no-op launch (outputs stay unwritten): the CUDA
+    kernels (gaussian/cuda.py, mixture/cuda.py) then run their whole Python path -- meta check, cached
+    casts, workspaces, launch configuration, the merge -- on CPU tensors."""
+    import importlib
 
-    def gaussian_map(kind, x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b, out, precision="ieee"):
-        return out
-
-    saved = cuda.triton_gaussian
-    cuda.triton_gaussian = types.SimpleNamespace(gaussian_map=gaussian_map)
+    saved = []
     try:
-        yield cuda.map_cuda(DENOISE)
+        for mod_name, names in STUBBED_KERNELS.items():
+            mod = importlib.import_module(mod_name)
+            for name in names:
+                saved.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, _NoLaunch())
+        yield
     finally:
-        cuda.triton_gaussian = saved
+        for mod, name, kernel in saved:
+            setattr(mod, name, kernel)
+
+
+def stubbed_cuda_calls(d: int, device, seed: int = 0) -> dict:
+    """op -> a call of its Python CUDA kernel at B = 1 on `device` (CPU tensors), for use inside
+    stubbed_triton_launch(): Gaussian denoise (full rank), training set (N = 256 points), GMM (K = 8,
+    r = 16), each with the arguments a model passes (float32 parameters, a [1] sigma tensor)."""
+    from gsa_kernels.gaussian import cuda as gaussian_cuda
+    from gsa_kernels.mixture import cuda as mixture_cuda
+
+    params = GaussianParams(d, d, device, seed)
+    gen = params.gen
+    x = params.mean + torch.randn(1, d, device=device, generator=gen)
+    sigma = torch.full((1,), 0.5, device=device)
+    denoise = gaussian_cuda.map_cuda(DENOISE)
+    points = torch.randn(256, d, device=device, generator=gen)
+    center = points.mean(0)
+    K, r = 8, 16
+    log_w = torch.randn(K, device=device, generator=gen)
+    means = torch.randn(K, d, device=device, generator=gen)
+    bases = torch.linalg.qr(torch.randn(K, d, r, device=device, generator=gen))[0].contiguous()
+    eig = torch.rand(K, r, device=device, generator=gen)
+    lam_perp = torch.full((K,), 0.01, device=device)
+    gmm_center = means.mean(0)
+    return {
+        "denoise": lambda: denoise(x, *params.args, sigma),
+        "delta_mixture_forward": lambda: mixture_cuda.delta_mixture_forward_cuda(x, points, None, sigma, center),
+        "gmm_forward": lambda: mixture_cuda.gmm_forward_cuda(x, log_w, means, bases, eig, lam_perp, sigma,
+                                                             gmm_center),
+    }
 
 
 def run(opts: RunOptions, ops=OPS) -> list[dict]:
@@ -113,9 +156,11 @@ def run(opts: RunOptions, ops=OPS) -> list[dict]:
     if device.type == "cuda":
         rows.append(_graph_row(d, params, x, sigma_t, calls, opts.min_time))
     else:
-        with stubbed_triton_launch() as kernel:
-            host, latency = _host_and_latency(lambda: kernel(x, *params.args, sigma_t), device, calls)
-        rows.append(_row(d, "cuda kernel, launch stubbed", "gsa", host_s=host, median_s=latency))
+        with stubbed_triton_launch():
+            for op, fn in stubbed_cuda_calls(d, device, opts.seed).items():
+                host, latency = _host_and_latency(fn, device, calls)
+                rows.append(_row(d, "cuda kernel, launch stubbed", "gsa", op=op, config_str=f"{op}, d={d}",
+                                 host_s=host, median_s=latency))
         rows.append(_row(d, "cuda graph replay", "gsa", status="skipped", reason="CUDA graphs need a GPU"))
     return rows
 

@@ -14,6 +14,7 @@ matmul, so global TF32 settings cannot change the result.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -27,20 +28,24 @@ class MergedState(NamedTuple):
 
 
 def safe_shift(m: torch.Tensor) -> torch.Tensor:
-    """The max used as the exponent shift: m itself, or 0 where m = -inf (keeps exp(m - shift) NaN-free)."""
-    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    """The max used as the exponent shift: m itself, or 0 where m = -inf (keeps exp(m - shift) NaN-free).
+    One op (a NaN or +inf m stays as it is, so a bad state is not hidden)."""
+    return torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0)
 
 
 def merge_states(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Tensor | None = None,
                  xr: torch.Tensor | None = None) -> MergedState:
-    """Merge S states m, l [S, B], acc [S, B, d] (x_coef [S, B] with xr = x - ctr [B, d], or None)."""
-    shift = safe_shift(m.max(dim=0).values)
+    """Merge S states m, l [S, B], acc [S, B, d] (x_coef [S, B] with xr = x - ctr [B, d], or None).
+
+    Few, elementwise ops (each is a kernel launch on a GPU): the host cost of the merge is part of every
+    mixture call."""
+    shift = safe_shift(m.amax(dim=0))
     e = torch.exp(m - shift)                              # [S, B]
     w = (e * l).sum(0)                                    # [B]
     num = (e.unsqueeze(-1) * acc).sum(0)                  # [B, d]: no bmm, immune to TF32 flags
     if x_coef is not None:
-        num = num + (e * x_coef).sum(0).unsqueeze(-1) * xr
-    inv_w = torch.where(w > 0, 1.0 / w, torch.zeros_like(w))
+        num = torch.addcmul(num, (e * x_coef).sum(0).unsqueeze(-1), xr)
+    inv_w = torch.where(w > 0, w.reciprocal(), 0.0)
     return MergedState(num * inv_w.unsqueeze(-1), shift + torch.log(w), shift, inv_w)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import config
+from .._core.cache import as_contiguous
 from .._core.dtypes import compute_dtype, sigma_floor
 from . import maps, meta
 from .map_kind import OP_MAP_KINDS, TELEPORT
@@ -18,7 +19,14 @@ except ImportError:  # pragma: no cover
 
 
 def _sigma_vector(sigma, batch, dtype):
+    """sigma as a contiguous [B] vector of `dtype`: itself when it already is one (the models' case)."""
+    if sigma.dtype == dtype and sigma.dim() == 1 and sigma.shape[0] == batch:
+        return sigma if sigma.is_contiguous() else sigma.contiguous()
     return sigma.to(dtype).reshape(-1).expand(batch).contiguous()
+
+
+def _f32(t):
+    return as_contiguous(t, torch.float32)
 
 
 def project_cuda(x, mean, basis):
@@ -27,8 +35,7 @@ def project_cuda(x, mean, basis):
     ct = compute_dtype(x, mean, basis)
     if triton_gaussian is None or ct == torch.float64:
         return ((x2.to(ct) - mean.to(ct)) @ basis.to(ct)).to(x.dtype)
-    c = triton_gaussian.project(x2.contiguous(), mean.float().contiguous(), basis.float().contiguous(),
-                                config.get_precision())
+    c = triton_gaussian.project(x2.contiguous(), _f32(mean), _f32(basis), config.kernel_precision(x.device))
     return c.to(x.dtype)
 
 
@@ -37,22 +44,25 @@ def map_cuda(kind: int):
 
     def kernel(x, mean, basis, eigvals, lam_perp, sigma_a, sigma_b=None):
         batch, d, r = meta.check_map(kind, x, mean, basis, eigvals, lam_perp, sigma_a, sigma_b)
-        sigma_b = sigma_a if sigma_b is None else sigma_b
         ct = compute_dtype(x, mean, basis, eigvals)
-        x2 = x.reshape(batch, d)
         if triton_gaussian is None or ct == torch.float64:
+            sigma_b = sigma_a if sigma_b is None else sigma_b
+            x2 = x.reshape(batch, d)
             s_a = _sigma_vector(sigma_a, batch, ct)
             s_b = _sigma_vector(sigma_b, batch, ct) if kind == TELEPORT else None
             out = maps.apply_map(kind, x2.to(ct), mean.to(ct), basis.to(ct), eigvals.to(ct), lam_perp.to(ct),
                                  s_a, s_b, full_rank=r == d)
             return out.to(x.dtype).reshape(x.shape)
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        f32 = [t.float().contiguous() for t in (mean, basis, eigvals, lam_perp.reshape(1))]
+        # The hot path: parameters as they are when the model already holds contiguous float32 (else a
+        # cached copy), one sigma vector for the maps of one sigma, no other copies.
+        xc = x if x.is_contiguous() else x.contiguous()
+        out = torch.empty_like(xc)
         # sigma_from floored so that sigma^2 stays normal (no 0 / 0 with a zero variance), as in maps.py.
         s_a = _sigma_vector(sigma_a, batch, torch.float32).clamp_min(sigma_floor(torch.float32))
-        triton_gaussian.gaussian_map(kind, x2.contiguous(), *f32, s_a,
-                                     _sigma_vector(sigma_b, batch, torch.float32), out.view(batch, d),
-                                     config.get_precision())
+        s_b = s_a if kind != TELEPORT else _sigma_vector(sigma_b, batch, torch.float32)
+        triton_gaussian.gaussian_map(kind, xc.view(batch, d), _f32(mean), _f32(basis), _f32(eigvals), _f32(lam_perp),
+                                     s_a, s_b,
+                                     out.view(batch, d), config.kernel_precision(x.device))
         return out
 
     return kernel

@@ -45,7 +45,8 @@ def check_gaussian(x, mean, basis, eigvals=None, lam_perp=None) -> tuple[int, in
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 2:
         raise ValueError(f"x must have shape [B, ...] with at least one data dimension, got {tuple(x.shape)}")
-    d, r = check_parameters(mean, basis, eigvals, lam_perp, d=math.prod(x.shape[1:]), device=x.device)
+    d_x = x.shape[1] if x.dim() == 2 else math.prod(x.shape[1:])
+    d, r = check_parameters(mean, basis, eigvals, lam_perp, d=d_x, device=x.device)
     return x.shape[0], d, r
 
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.launch import cdiv, device_guard
 from . import map_kind
 
 # The map ids (map_kind.py) as constants the kernels can read (compiled Triton reads constexpr globals).
@@ -45,20 +46,27 @@ def _project_scale_kernel(
     MAP: tl.constexpr, FULL_RANK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    # One grid axis (x: up to 2^31 - 1 programs), row tiles fastest: the programs of one mode tile run
+    # together and share its basis columns in L2.
+    pid = tl.program_id(0)
+    n_row_tiles = tl.cdiv(B, BLOCK_B)
+    pid_b = pid % n_row_tiles
+    pid_r = pid // n_row_tiles
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     modes = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
     mode_ok = modes < R
+    # Offsets in int64: B d and d r may exceed 2^31 elements.
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * D
     acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
     for j0 in range(0, D, BLOCK_D):
         cols = j0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        xt = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        xt = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         mu = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
         xc = tl.where(row_ok[:, None] & col_ok[None, :], xt.to(tl.float32) - mu.to(tl.float32)[None, :], 0.0)
-        ut = tl.load(basis_ptr + cols[:, None] * R + modes[None, :], mask=col_ok[:, None] & mode_ok[None, :], other=0.0)
+        ut = tl.load(basis_ptr + cols.to(tl.int64)[:, None] * R + modes[None, :],
+                     mask=col_ok[:, None] & mode_ok[None, :], other=0.0)
         acc += tl.dot(xc, ut.to(tl.float32), input_precision=PRECISION)
     if MAP != PROJECT:
         lam = tl.load(eig_ptr + modes, mask=mode_ok, other=0.0).to(tl.float32)
@@ -69,7 +77,7 @@ def _project_scale_kernel(
             lam_perp = tl.load(lam_perp_ptr).to(tl.float32)
             factor -= _mode_factor(lam_perp, s_a[:, None], s_b[:, None], MAP)
         acc = acc * factor
-    tl.store(g_ptr + rows[:, None] * R + modes[None, :], acc.to(g_ptr.dtype.element_ty),
+    tl.store(g_ptr + rows.to(tl.int64)[:, None] * R + modes[None, :], acc.to(g_ptr.dtype.element_ty),
              mask=row_ok[:, None] & mode_ok[None, :])
 
 
@@ -80,19 +88,26 @@ def _reconstruct_kernel(
     MAP: tl.constexpr, FULL_RANK: tl.constexpr, ADD_MEAN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    # One grid axis (cdiv(d, BLOCK_D) exceeds the 65535 of a y axis beyond d ~ 4.2M), row tiles fastest:
+    # the programs of one column tile run together and share its basis rows in L2.
+    pid = tl.program_id(0)
+    n_row_tiles = tl.cdiv(B, BLOCK_B)
+    pid_b = pid % n_row_tiles
+    pid_d = pid // n_row_tiles
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < B
     col_ok = cols < D
+    # Offsets in int64: B d, B r and d r may exceed 2^31 elements.
+    rows64 = rows.to(tl.int64)
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_R):
         modes = k0 + tl.arange(0, BLOCK_R)
         mode_ok = modes < R
-        gt = tl.load(g_ptr + rows[:, None] * R + modes[None, :], mask=row_ok[:, None] & mode_ok[None, :], other=0.0)
+        gt = tl.load(g_ptr + rows64[:, None] * R + modes[None, :], mask=row_ok[:, None] & mode_ok[None, :], other=0.0)
         # U^T tile [BLOCK_R, BLOCK_D] read from row-major U [D, R].
-        ut = tl.load(basis_ptr + cols[None, :] * R + modes[:, None], mask=mode_ok[:, None] & col_ok[None, :], other=0.0)
+        ut = tl.load(basis_ptr + cols.to(tl.int64)[None, :] * R + modes[:, None],
+                     mask=mode_ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.dot(gt, ut.to(tl.float32), input_precision=PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
     mu = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -101,17 +116,21 @@ def _reconstruct_kernel(
         s_b = tl.load(sb_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
         lam_perp = tl.load(lam_perp_ptr).to(tl.float32)
         f_perp = _mode_factor(lam_perp, s_a, s_b, MAP)
-        xt = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xt = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += f_perp[:, None] * (xt - mu[None, :])
     if ADD_MEAN:
         acc += mu[None, :]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows64[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(batch: int):
     # Small batches are bandwidth-bound: a short B tile keeps more programs in flight.
     block_b = 16 if batch <= 16 else 64
     return block_b, 64, 32
+
+
+RECONSTRUCT_BLOCK_D = 64
+RECONSTRUCT_BLOCK_R = 32
 
 
 def project(x2: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
@@ -121,52 +140,62 @@ def project(x2: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, precision
     R = basis.shape[1]
     out = torch.empty((B, R), dtype=torch.float32, device=x2.device)
     bb, br, bd = _blocks(B)
-    grid = (triton.cdiv(B, bb), triton.cdiv(R, br))
-    _project_scale_kernel[grid](x2, mean, basis, mean, mean, mean, mean, out, B, D, R,
-                                MAP=map_kind.PROJECT, FULL_RANK=True, PRECISION=precision,
-                                BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd)
+    with device_guard(x2):
+        _project_scale_kernel[(cdiv(B, bb) * cdiv(R, br),)](
+            x2, mean, basis, mean, mean, mean, mean, out, B, D, R, MAP=map_kind.PROJECT, FULL_RANK=True,
+            PRECISION=precision, BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd)
     return out
 
 
 def gaussian_map(map_id: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor,
                  lam_perp: torch.Tensor, sigma_a: torch.Tensor, sigma_b: torch.Tensor,
                  out: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
-    """Denoise / score / teleport of contiguous x2 [B, d] into `out` [B, d] (any float dtype).
+    """Denoise / score / teleport of x2 [B, d] into `out` [B, d] (any float dtype).
 
-    sigma_a, sigma_b: [B]. The kernels index densely, so every operand is made contiguous here
-    (a no-op for the wrappers in ops.py, which already pass contiguous float32 parameters).
+    Every tensor must be contiguous (the kernels index densely): x2, out, the float32 parameters mean [d],
+    basis [d, r], eigvals [r], lam_perp (one element), and sigma_a, sigma_b [B] (the same tensor twice for the maps
+    of one sigma). The CUDA kernels (cuda.py) pass them so without copies on the hot path.
     """
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b = (
-        t.contiguous() for t in (x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b))
+    for name, t in (("x2", x2), ("mean", mean), ("basis", basis), ("eigvals", eigvals), ("lam_perp", lam_perp),
+                    ("sigma_a", sigma_a), ("sigma_b", sigma_b), ("out", out)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
     B, D = x2.shape
     R = basis.shape[1]
     full_rank = R == D
     g = torch.empty((B, R), dtype=torch.float32, device=x2.device)
     bb, br, bd = _blocks(B)
-    _project_scale_kernel[(triton.cdiv(B, bb), triton.cdiv(R, br))](
-        x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b, g, B, D, R,
-        MAP=map_id, FULL_RANK=full_rank, PRECISION=precision, BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd)
-    _reconstruct_kernel[(triton.cdiv(B, bb), triton.cdiv(D, 64))](
-        x2, mean, basis, g, lam_perp, sigma_a, sigma_b, out, B, D, R,
-        MAP=map_id, FULL_RANK=full_rank, ADD_MEAN=map_id != map_kind.SCORE, PRECISION=precision,
-        BLOCK_B=bb, BLOCK_D=64, BLOCK_R=32)
+    row_tiles = cdiv(B, bb)
+    with device_guard(x2):
+        _project_scale_kernel[(row_tiles * cdiv(R, br),)](
+            x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b, g, B, D, R,
+            MAP=map_id, FULL_RANK=full_rank, PRECISION=precision, BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd)
+        _reconstruct_kernel[(row_tiles * cdiv(D, RECONSTRUCT_BLOCK_D),)](
+            x2, mean, basis, g, lam_perp, sigma_a, sigma_b, out, B, D, R,
+            MAP=map_id, FULL_RANK=full_rank, ADD_MEAN=map_id != map_kind.SCORE, PRECISION=precision,
+            BLOCK_B=bb, BLOCK_D=RECONSTRUCT_BLOCK_D, BLOCK_R=RECONSTRUCT_BLOCK_R)
     return out
 
 
-def aot_cases():
-    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): the projection
-    and every map at both tile shapes in float32/ieee, and every storage type x precision for teleport.
-    FULL_RANK is a property of the model (r == d) and takes the same value in the two kernels of a launch;
-    the map cases pair the small tile with full rank and the large tile with low rank, so that each
-    kernel compiles in both rank variants and both tile shapes without compiling every combination."""
+def aot_cases(full: bool = False):
+    """Launch configurations for gsa_kernels.triton_aot (compile for a GPU architecture without a GPU).
+
+    full=False: the projection and every map at both tile shapes in float32/ieee, and every storage type
+    x precision for teleport. FULL_RANK is a property of the model (r == d) and takes the same value in
+    the two kernels of a launch; the map cases pair the small tile with full rank and the large tile with
+    low rank, so that each kernel compiles in both rank variants and both tile shapes.
+    full=True: besides, every tile entry (B <= 16, B > 16) of every map in every precision mode."""
     scalars = {"B": "i32", "D": "i32", "R": "i32"}
     combos = [(map_kind.PROJECT, "*fp32", "ieee", b, True) for b in (1, 256)]
     combos += [(m, "*fp32", "ieee", b, full) for m in (map_kind.DENOISE, map_kind.SCORE, map_kind.TELEPORT)
                for b, full in ((1, True), (256, False))]
     combos += [(map_kind.TELEPORT, t, "ieee", 256, False) for t in ("*fp16", "*bf16")]
     combos += [(map_kind.TELEPORT, "*fp32", p, 256, False) for p in ("tf32x3", "tf32")]
+    if full:
+        combos += [(m, "*fp32", p, b, full_rank)
+                   for m in (map_kind.PROJECT, map_kind.DENOISE, map_kind.SCORE, map_kind.TELEPORT)
+                   for p in ("tf32x3", "tf32") for b, full_rank in ((1, True), (256, False))]
+        combos += [(map_kind.PROJECT, "*fp32", p, 256, True) for p in ("tf32x3", "tf32")]
     for map_id, x_type, precision, batch, full_rank in combos:
         bb, br, bd = _blocks(batch)
         ptrs = dict.fromkeys(["mean_ptr", "basis_ptr", "eig_ptr", "lam_perp_ptr", "sa_ptr", "sb_ptr", "g_ptr"], "*fp32")
@@ -177,4 +206,5 @@ def aot_cases():
         ptrs = dict.fromkeys(["mean_ptr", "basis_ptr", "g_ptr", "lam_perp_ptr", "sa_ptr", "sb_ptr"], "*fp32")
         yield _reconstruct_kernel, {**ptrs, "x_ptr": x_type, "out_ptr": x_type, **scalars, "MAP": map_id,
                                     "FULL_RANK": full_rank, "ADD_MEAN": map_id != map_kind.SCORE,
-                                    "PRECISION": precision, "BLOCK_B": bb, "BLOCK_D": 64, "BLOCK_R": 32}
+                                    "PRECISION": precision, "BLOCK_B": bb, "BLOCK_D": RECONSTRUCT_BLOCK_D,
+                                    "BLOCK_R": RECONSTRUCT_BLOCK_R}

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 
 from .. import config
+from .._core.cache import cached
+from .._validation import check_finite, check_nonneg, values_readable
 from . import meta
-from .ops import mean_of_rows
+from .ops import check_log_weights, mean_of_rows
 
 try:  # Triton is optional on CPU-only installs.
     from . import triton_mixture
@@ -21,23 +23,45 @@ def _need_triton():
         raise RuntimeError("gsa mixture ops on CUDA need triton (pip install triton)")
 
 
+def _center(center, points):
+    """The given centre, or the mean of the points: computed once per points tensor (and version)."""
+    if center is not None:
+        return center
+    return cached("mean_of_rows", (points,), lambda: mean_of_rows(points))
+
+
+def _check_values_once(log_weights, eigvals=None, lam_perp=None, center=None) -> None:
+    """What the CPU op rejects by value (NaN / +inf / all -inf log-weights, negative or non-finite
+    variances, a non-finite centre), checked on the first call with each parameter tensor and then never
+    again while it is unchanged (the cache keys on its version counter): one device sync per new
+    parameter tensor, none per call. Skipped where values are not readable (config.validation off,
+    torch.compile, CUDA-graph capture); sigma is checked by the public functions (numbers) or on request."""
+    for name, t, check in (("log_weights", log_weights, lambda t: check_log_weights(t)),
+                           ("eigvals", eigvals, lambda t: check_nonneg("eigvals", t)),
+                           ("lam_perp", lam_perp, lambda t: check_nonneg("lam_perp", t)),
+                           ("center", center, lambda t: check_finite("center", t))):
+        if t is not None and values_readable(t):
+            cached(("values checked", name), (t,), lambda: check(t) or True)
+
+
 def gmm_forward_cuda(x, log_weights, means, bases, eigvals, lam_perp, sigma, center=None, score=False,
                      return_weights=False, chunk_size=0):
     B, d, _, r = meta.check_mixture(x, log_weights, means, bases, eigvals, lam_perp, sigma, center)
     _need_triton()
-    ctr = center if center is not None else mean_of_rows(means)
+    _check_values_once(log_weights, eigvals, lam_perp, center)
     out, log_z, w = triton_mixture.gmm_forward(
-        x.reshape(B, d), log_weights, means, bases if r > 0 else None, eigvals if r > 0 else None, lam_perp, ctr,
-        sigma, score=score, return_weights=return_weights, precision=config.get_precision())
+        x.reshape(B, d), log_weights, means, bases if r > 0 else None, eigvals if r > 0 else None, lam_perp,
+        _center(center, means), sigma, score=score, return_weights=return_weights,
+        precision=config.kernel_precision(x.device))
     return out.to(x.dtype).reshape(x.shape), log_z, w
 
 
 def delta_mixture_forward_cuda(x, points, log_weights, sigma, center=None, score=False, chunk_size=0):
     B, d, _, _ = meta.check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
     _need_triton()
-    ctr = center if center is not None else mean_of_rows(points)
-    out, log_z = triton_mixture.delta_mixture_forward(x.reshape(B, d), points, log_weights, ctr, sigma, score=score,
-                                                      precision=config.get_precision())
+    _check_values_once(log_weights, center=center)
+    out, log_z = triton_mixture.delta_mixture_forward(x.reshape(B, d), points, log_weights, _center(center, points),
+                                                      sigma, score=score, precision=config.kernel_precision(x.device))
     return out.to(x.dtype).reshape(x.shape), log_z
 
 

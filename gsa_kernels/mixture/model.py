@@ -141,7 +141,7 @@ class GMM(Mixture):
         return f"n_components={self.n_components}, dim={self.dim}, rank={self.rank}, dtype={self.means.dtype}"
 
     def log_weight_norm(self):
-        return torch.logsumexp(self.log_weights, dim=0)
+        return ops.log_weight_norm(self.log_weights, self.n_components, self.log_weights.dtype)
 
     def partial(self, x, sigma, *, score=False, return_weights=False, center=None):
         s = self._sigma(x, sigma)

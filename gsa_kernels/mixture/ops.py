@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _library
+from .._core.cache import cached
 from .._core.dtypes import compute_dtype
 from .._core.errors import call_op
 from .._validation import check_nonneg, sigma_arg, values_readable
@@ -103,7 +104,8 @@ def log_weight_norm(log_weights: torch.Tensor | None, n: int, dtype: torch.dtype
     """logsumexp of the log-weights (log n for uniform weights): log p = log_z - this."""
     if log_weights is None:
         return math.log(n)
-    return torch.logsumexp(log_weights.to(dtype), dim=0)
+    # Once per log-weights tensor (and version): a model's normaliser is not recomputed every call.
+    return cached(("log_weight_norm", dtype), (log_weights,), lambda: torch.logsumexp(log_weights.to(dtype), dim=0))
 
 
 def _on_request(check, x, **params):

@@ -55,7 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.cache import as_contiguous
 from .._core.dtypes import compute_dtype
+from .._core.launch import cdiv, device_guard, split_count
 from .._core.lse import merge_states
 
 LOG2PI = math.log(2 * math.pi)
@@ -118,6 +120,7 @@ def _delta_partial_kernel(
     m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
     l_run = tl.zeros((BLOCK_B,), ACC)
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
+    rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
@@ -142,7 +145,7 @@ def _delta_partial_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             amask = row_ok[:, None] & (dd < D)[None, :]
-            a_ptrs = acc_base + rows[:, None] * D + dd[None, :]
+            a_ptrs = acc_base + rows64[:, None] * D + dd[None, :]
             pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
             acc = tl.load(a_ptrs, mask=amask, other=0.0) * alpha[:, None]
             acc += tl.dot(p, pt, input_precision=PRECISION)
@@ -187,6 +190,8 @@ def _gmm_partial_kernel(
     x_run = tl.zeros((BLOCK_B,), ACC)
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
     c_base = c_ptr + (pid_s * B).to(tl.int64) * R  # this split's c = U_k^T (x - mu_k) scratch [B, R]
+    rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
+    x_rows = x_ptr + rows64[:, None] * D
     for k in range(k_lo, k_hi):
         k64 = tl.cast(k, tl.int64)
         base_k = bases_ptr + k64 * D * R
@@ -195,7 +200,7 @@ def _gmm_partial_kernel(
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
-            xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+            xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
                          other=0.0).to(ACC)
             mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
             xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
@@ -221,12 +226,12 @@ def _gmm_partial_kernel(
                 for d0 in range(0, D, BLOCK_D):
                     dd = d0 + tl.arange(0, BLOCK_D)
                     d_ok = dd < D
-                    xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
                                  other=0.0).to(ACC)
                     mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
                     xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
-                    ut = tl.load(base_k + dd[:, None] * R + modes[None, :], mask=d_ok[:, None] & mode_ok[None, :],
-                                 other=0.0).to(ACC)
+                    ut = tl.load(base_k + dd.to(tl.int64)[:, None] * R + modes[None, :],
+                                 mask=d_ok[:, None] & mode_ok[None, :], other=0.0).to(ACC)
                     c += tl.dot(xc, ut, input_precision=PRECISION)
                 lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
                 v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
@@ -234,7 +239,7 @@ def _gmm_partial_kernel(
                 logdet += tl.sum(tl.where(mode_ok[None, :], _log1p(tl.minimum(lam[None, :] / s2[:, None], VAR_MAX)),
                                           0.0), axis=1)
                 proj += tl.sum(c * c, axis=1)
-                tl.store(c_base + rows[:, None] * R + modes[None, :], c, mask=row_ok[:, None] & mode_ok[None, :])
+                tl.store(c_base + rows64[:, None] * R + modes[None, :], c, mask=row_ok[:, None] & mode_ok[None, :])
         if not FULL_RANK:
             quad += tl.maximum(q - proj, 0.0) / v_perp
             logdet += (D - R) * _log1p(tl.minimum(lam_perp / s2, VAR_MAX))
@@ -271,7 +276,7 @@ def _gmm_partial_kernel(
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             amask = row_ok[:, None] & d_ok[None, :]
-            a_ptrs = acc_base + rows[:, None] * D + dd[None, :]
+            a_ptrs = acc_base + rows64[:, None] * D + dd[None, :]
             acc = tl.load(a_ptrs, mask=amask, other=0.0) * alpha[:, None]
             if not (FULL_RANK and SCORE):
                 mu_c = (tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
@@ -281,13 +286,13 @@ def _gmm_partial_kernel(
                 for r0 in range(0, R, BLOCK_R):
                     modes = r0 + tl.arange(0, BLOCK_R)
                     mode_ok = modes < R
-                    c = tl.load(c_base + rows[:, None] * R + modes[None, :], mask=row_ok[:, None] & mode_ok[None, :],
+                    c = tl.load(c_base + rows64[:, None] * R + modes[None, :], mask=row_ok[:, None] & mode_ok[None, :],
                                 other=0.0)
                     lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
                     v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
                     g = _gmm_mode_gain(p, cm, lam, lam_perp, v, FULL_RANK, SCORE) * c
-                    ut_t = tl.load(base_k + dd[None, :] * R + modes[:, None], mask=mode_ok[:, None] & d_ok[None, :],
-                                   other=0.0).to(ACC)
+                    ut_t = tl.load(base_k + dd.to(tl.int64)[None, :] * R + modes[:, None],
+                                   mask=mode_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
                     acc += tl.dot(g.to(ACC), ut_t, input_precision=PRECISION)
             tl.store(a_ptrs, acc, mask=amask)
         # The next component reloads these acc tiles (and rewrites the scratch), possibly in other threads.
@@ -314,17 +319,6 @@ _GMM_BLOCKS = {(True, True): (32, 16, 8), (True, False): (16, 32, 8),
 _GMM_MAX_BLOCK_R = 32
 
 
-def _num_splits(device: torch.device, row_blocks: int, max_splits: int, batch: int, dim: int) -> int:
-    """Programs along the component axis: enough for ~2 programs per SM, within the workspace cap."""
-    if device.type == "cuda":
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * n_sm, max(row_blocks, 1))
-    else:
-        want = 1
-    cap = max(1, WORKSPACE_ELEMENTS // max(batch * dim, 1))
-    return int(max(1, min(want, max_splits, cap)))
-
-
 def clamped_sigma_sq(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
     return (sigma.to(dtype).reshape(-1).expand(batch) ** 2).clamp(FLT_MIN, FLT_MAX).contiguous()
 
@@ -339,29 +333,34 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
     log_z = logsumexp_i(log_weights_i - ||x - x_i||^2 / (2 sigma^2)) - d/2 log(2 pi sigma^2).
     """
     acc_dt = compute_dtype(x2, points, log_weights)
-    x2, points, center = x2.contiguous(), points.contiguous(), center.to(acc_dt).contiguous()
+    x2, points, center = x2.contiguous(), points.contiguous(), as_contiguous(center, acc_dt)
     B, D = x2.shape
     N = points.shape[0]
     s2 = clamped_sigma_sq(sigma, B, acc_dt)
     if blocks is None:
         blocks = _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
     bb, bn, bd, warps = blocks
-    row_blocks = triton.cdiv(B, bb)
-    n_chunks = triton.cdiv(N, bn)
-    S = splits if splits is not None else _num_splits(x2.device, row_blocks, n_chunks, B, D)
-    S = max(1, min(int(S), n_chunks))
-    n_per_split = triton.cdiv(n_chunks, S) * bn
-    S = triton.cdiv(N, n_per_split)
+    row_blocks = cdiv(B, bb)
+    n_chunks = cdiv(N, bn)
+    lw = as_contiguous(log_weights, acc_dt) if log_weights is not None else s2
+    prec = precision if acc_dt == torch.float32 else "ieee"
+    consts = dict(HAS_LW=log_weights is not None, PRECISION=prec, ACC=_tl_dtype(acc_dt),
+                  BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+    if splits is None:
+        splits = split_count(_delta_partial_kernel, x2.device, row_blocks, n_chunks, B * D,
+                             (acc_dt, points.dtype, *consts.items()),
+                             lambda: ((x2, points, lw, center, s2, x2, s2, s2, B, N, D, bn), consts),
+                             WORKSPACE_ELEMENTS)
+    S = max(1, min(int(splits), n_chunks))
+    n_per_split = cdiv(n_chunks, S) * bn
+    S = cdiv(N, n_per_split)
     acc = torch.zeros((S, B, D), dtype=acc_dt, device=x2.device)
     m = torch.empty((S, B), dtype=acc_dt, device=x2.device)
     l = torch.empty((S, B), dtype=acc_dt, device=x2.device)
-    lw = log_weights.to(acc_dt).contiguous() if log_weights is not None else s2
-    prec = precision if acc_dt == torch.float32 else "ieee"
     if B > 0:
-        _delta_partial_kernel[(row_blocks, S)](
-            x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split,
-            HAS_LW=log_weights is not None, PRECISION=prec, ACC=_tl_dtype(acc_dt),
-            BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+        with device_guard(x2):
+            _delta_partial_kernel[(row_blocks, S)](x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split,
+                                                   **consts)
     xr = x2.to(acc_dt) - center
     # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2).
     merged = merge_states(m, l, acc, -l if score else None, xr)
@@ -379,7 +378,7 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     Any rank r: the modes are processed in slices of BLOCK_R <= max_block_r with c = U_k^T (x - mu_k) kept
     in a [S, B, r] scratch between the two passes over d."""
     acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
-    x2, means, center = x2.contiguous(), means.contiguous(), center.to(acc_dt).contiguous()
+    x2, means, center = x2.contiguous(), means.contiguous(), as_contiguous(center, acc_dt)
     B, D = x2.shape
     K = means.shape[0]
     R = 0 if bases is None else bases.shape[2]
@@ -388,28 +387,34 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
         blocks = _GMM_BLOCKS[(acc_dt == torch.float32, B > 16)]
     bb, bd, warps = blocks
     block_r = max(16, min(max_block_r, triton.next_power_of_2(max(R, 1))))
-    row_blocks = triton.cdiv(B, bb)
-    S = splits if splits is not None else _num_splits(x2.device, row_blocks, K, B, D)
-    S = max(1, min(int(S), K))
-    k_per_split = triton.cdiv(K, S)
-    S = triton.cdiv(K, k_per_split)
+    row_blocks = cdiv(B, bb)
     dev = x2.device
-    acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
-    m, l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(3))
-    logits = torch.empty((B, K) if return_weights else (1,), dtype=acc_dt, device=dev)
-    c_scratch = torch.empty((S, B, R) if R > 0 else (1,), dtype=acc_dt, device=dev)
     has_bases = R > 0
     bases_c = bases.contiguous() if has_bases else means
-    eig_c = eigvals.to(acc_dt).contiguous() if has_bases else s2
-    lp_c = lam_perp.to(acc_dt).contiguous() if lam_perp is not None else s2
+    eig_c = as_contiguous(eigvals, acc_dt) if has_bases else s2
+    lp_c = as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2
+    lw_c = as_contiguous(log_weights, acc_dt)
     prec = precision if acc_dt == torch.float32 else "ieee"
+    consts = dict(HAS_BASES=has_bases, HAS_LP=lam_perp is not None, FULL_RANK=R == D, STORE_LOGITS=return_weights,
+                  SCORE=score, PRECISION=prec, ACC=_tl_dtype(acc_dt), BLOCK_B=bb, BLOCK_D=bd, BLOCK_R=block_r,
+                  num_warps=warps)
+    if splits is None:
+        splits = split_count(_gmm_partial_kernel, dev, row_blocks, K, B * max(D, R), (acc_dt, *consts.items()),
+                             lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, center, s2, x2, s2, s2, s2, x2, x2,
+                                       B, K, D, R, 16), consts),
+                             WORKSPACE_ELEMENTS)
+    S = max(1, min(int(splits), K))
+    k_per_split = cdiv(K, S)
+    S = cdiv(K, k_per_split)
+    acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
+    m, l, x_sum = torch.empty((3, S, B), dtype=acc_dt, device=dev).unbind(0)
+    logits = torch.empty((B, K) if return_weights else (1,), dtype=acc_dt, device=dev)
+    c_scratch = torch.empty((S, B, R) if R > 0 else (1,), dtype=acc_dt, device=dev)
     if B > 0:
-        _gmm_partial_kernel[(row_blocks, S)](
-            x2, means, bases_c, eig_c, lp_c, log_weights.to(acc_dt).contiguous(), center, s2,
-            acc, m, l, x_sum, logits, c_scratch, B, K, D, R, k_per_split,
-            HAS_BASES=has_bases, HAS_LP=lam_perp is not None, FULL_RANK=R == D, STORE_LOGITS=return_weights,
-            SCORE=score, PRECISION=prec, ACC=_tl_dtype(acc_dt), BLOCK_B=bb, BLOCK_D=bd, BLOCK_R=block_r,
-            num_warps=warps)
+        with device_guard(x2):
+            _gmm_partial_kernel[(row_blocks, S)](
+                x2, means, bases_c, eig_c, lp_c, lw_c, center, s2,
+                acc, m, l, x_sum, logits, c_scratch, B, K, D, R, k_per_split, **consts)
     xr = x2.to(acc_dt) - center
     merged = merge_states(m, l, acc, x_sum, xr)
     out = merged.out if score else merged.out + center
@@ -419,9 +424,13 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     return out, merged.log_w - 0.5 * D * (LOG2PI + torch.log(s2)), weights
 
 
-def aot_cases():
-    """Launch configurations for gsa_kernels.triton_aot (compile for sm_90 without a GPU): the tile
-    tables of both kernels, float32 and float64 accumulators, half points, each precision mode."""
+def aot_cases(full: bool = False):
+    """Launch configurations for gsa_kernels.triton_aot (compile for a GPU architecture without a GPU).
+
+    full=False: a representative subset (both kernels, both accumulators, half points, each precision).
+    full=True: every entry of both tile tables, float32 entries in every precision mode, each with the
+    points storage types and kernel variants that use the most registers (low-rank GMM with lam_perp and
+    stored logits; full-rank score)."""
     def delta(dt, pts, prec, big):
         bb, bn, bd, warps = _DELTA_BLOCKS[(dt == "fp32", big)]
         ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr", "max_ptr", "sum_ptr")}
@@ -429,19 +438,35 @@ def aot_cases():
                                        "HAS_LW": True, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
                                        "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps}
 
-    def gmm(dt, prec, big, full, score):
+    def gmm(dt, prec, big, full_rank, score):
         bb, bd, warps = _GMM_BLOCKS[(dt == "fp32", big)]
         names = ("x_ptr", "means_ptr", "bases_ptr", "eig_ptr", "lp_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr",
                  "max_ptr", "sum_ptr", "xsum_ptr", "logit_ptr", "c_ptr")
         return _gmm_partial_kernel, {**{n: "*" + dt for n in names}, **dict.fromkeys(("B", "K", "D", "R", "k_per_split"), "i32"),
-                                     "HAS_BASES": True, "HAS_LP": not full, "FULL_RANK": full, "STORE_LOGITS": True,
+                                     "HAS_BASES": True, "HAS_LP": not full_rank, "FULL_RANK": full_rank, "STORE_LOGITS": True,
                                      "SCORE": score, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
                                      "BLOCK_B": bb, "BLOCK_D": bd, "BLOCK_R": _GMM_MAX_BLOCK_R, "num_warps": warps}
 
-    yield delta("fp32", "fp32", "ieee", True)
-    yield delta("fp32", "bf16", "tf32x3", False)
-    yield delta("fp32", "fp16", "tf32", True)
-    yield delta("fp64", "fp64", "ieee", True)
-    yield gmm("fp32", "tf32x3", True, False, False)
-    yield gmm("fp32", "ieee", False, True, True)
-    yield gmm("fp64", "ieee", True, False, True)
+    if not full:
+        yield delta("fp32", "fp32", "ieee", True)
+        yield delta("fp32", "bf16", "tf32x3", False)
+        yield delta("fp32", "fp16", "tf32", True)
+        yield delta("fp64", "fp64", "ieee", True)
+        yield gmm("fp32", "tf32x3", True, False, False)
+        yield gmm("fp32", "ieee", False, True, True)
+        yield gmm("fp64", "ieee", True, False, True)
+        return
+    for is_f32, big in _DELTA_BLOCKS:
+        if is_f32:
+            for prec in AOT_PRECISIONS:
+                for pts in ("fp32", "bf16"):
+                    yield delta("fp32", pts, prec, big)
+        else:
+            yield delta("fp64", "fp64", "ieee", big)
+    for is_f32, big in _GMM_BLOCKS:
+        for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
+            for full_rank, score in ((False, False), (True, True)):
+                yield gmm("fp32" if is_f32 else "fp64", prec, big, full_rank, score)
+
+
+AOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
