@@ -73,7 +73,8 @@ class _NoLaunch:
 
 
 STUBBED_KERNELS = {"gsa_kernels.gaussian.triton_gaussian": ("_project_scale_kernel", "_reconstruct_kernel"),
-                   "gsa_kernels.mixture.triton_mixture": ("_delta_partial_kernel", "_gmm_partial_kernel")}
+                   "gsa_kernels.mixture.triton_mixture": ("_delta_partial_kernel", "_gmm_partial_kernel"),
+                   "gsa_kernels._core.triton_lse": ("_merge_kernel",)}
 
 
 @contextlib.contextmanager

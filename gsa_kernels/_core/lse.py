@@ -11,6 +11,12 @@ so that the denoiser is never formed from a difference of nearly equal terms. Me
 A state with no weight has m = -inf and contributes e = 0; a row with no weight at all gets M = 0,
 W = 0, out = 0 and log W = -inf, never NaN. The sums are elementwise products and reductions, never a
 matmul, so global TF32 settings cannot change the result.
+
+Two implementations of the one formula: on CUDA tensors one Triton kernel (`_core/triton_lse.py`: a single
+launch instead of a dozen elementwise ops); elsewhere the PyTorch code below, which is also the kernel's
+reference. `kernel=True` runs the kernel on any device (under TRITON_INTERPRET=1 on CPU tensors).
+`merge_mixture` adds the epilogue of the mixture ops (centre, sigma^2 scale, Gaussian normaliser) to the
+same single launch.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+LOG2PI = math.log(2 * math.pi)
 
 class MergedState(NamedTuple):
     out: torch.Tensor     # [B, d] merged weighted mean
@@ -33,12 +40,21 @@ def safe_shift(m: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(m, nan=math.nan, posinf=math.inf, neginf=0.0)
 
 
+def _use_kernel(kernel: bool | None, t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" if kernel is None else kernel
+
+
 def merge_states(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Tensor | None = None,
-                 xr: torch.Tensor | None = None) -> MergedState:
+                 xr: torch.Tensor | None = None, *, kernel: bool | None = None) -> MergedState:
     """Merge S states m, l [S, B], acc [S, B, d] (x_coef [S, B] with xr = x - ctr [B, d], or None).
 
-    Few, elementwise ops (each is a kernel launch on a GPU): the host cost of the merge is part of every
-    mixture call."""
+    kernel: None = the Triton kernel for CUDA tensors, PyTorch otherwise; True / False forces one."""
+    if _use_kernel(kernel, acc):
+        from . import triton_lse
+
+        out, log_w, shift, inv_w = triton_lse.merge(*(t.contiguous() if t is not None else None
+                                                      for t in (m, l, acc, x_coef, xr)))
+        return MergedState(out, log_w, shift, inv_w)
     shift = safe_shift(m.amax(dim=0))
     e = torch.exp(m - shift)                              # [S, B]
     w = (e * l).sum(0)                                    # [B]
@@ -47,6 +63,29 @@ def merge_states(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: to
         num = torch.addcmul(num, (e * x_coef).sum(0).unsqueeze(-1), xr)
     inv_w = torch.where(w > 0, w.reciprocal(), 0.0)
     return MergedState(num * inv_w.unsqueeze(-1), shift + torch.log(w), shift, inv_w)
+
+
+def merge_mixture(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Tensor | None,
+                  x: torch.Tensor, ctr: torch.Tensor, s2: torch.Tensor, *, add_ctr: bool, divide_by_s2: bool,
+                  log_norm_scale: float, stats: bool = False, kernel: bool | None = None):
+    """merge_states with xr = x - ctr, then the mixture ops' epilogue (docs/math.md section 3):
+    out = merged (+ ctr if add_ctr) (/ s2 if divide_by_s2), log_z = log W - log_norm_scale (log 2 pi + log s2).
+    Inputs contiguous, s2 [B]. Returns (out [B, d], log_z [B], shift [B], inv_w [B]) in acc's dtype (shift
+    and inv_w: None unless stats)."""
+    if _use_kernel(kernel, acc):
+        from . import triton_lse
+
+        return triton_lse.merge(m, l, acc, x_coef, x, ctr, s2, add_ctr=add_ctr, divide_by_s2=divide_by_s2,
+                                log_norm_scale=log_norm_scale, stats=stats)
+    xr = x.to(acc.dtype) - ctr if x_coef is not None else None
+    merged = merge_states(m, l, acc, x_coef, xr, kernel=False)
+    out = merged.out
+    if divide_by_s2:
+        out = out / s2[:, None]
+    if add_ctr:
+        out = out + ctr
+    log_z = merged.log_w - log_norm_scale * (LOG2PI + torch.log(s2)) if log_norm_scale else merged.log_w
+    return out, log_z, merged.shift if stats else None, merged.inv_w if stats else None
 
 
 def merge_normalized(outs: torch.Tensor, log_zs: torch.Tensor):

@@ -23,6 +23,17 @@ def _need_triton():
         raise RuntimeError("gsa mixture ops on CUDA need triton (pip install triton)")
 
 
+def _rows(x, B, d):
+    """x as [B, d] (a view op only when x has more than one data dimension)."""
+    return x if x.dim() == 2 else x.reshape(B, d)
+
+
+def _as_x(out, x):
+    """The kernel's [B, d] output in x's dtype and shape (no op when they already match)."""
+    out = out.to(x.dtype)
+    return out if out.shape == x.shape else out.reshape(x.shape)
+
+
 def _center(center, points):
     """The given centre, or the mean of the points: computed once per points tensor (and version)."""
     if center is not None:
@@ -32,16 +43,26 @@ def _center(center, points):
 
 def _check_values_once(log_weights, eigvals=None, lam_perp=None, center=None) -> None:
     """What the CPU op rejects by value (NaN / +inf / all -inf log-weights, negative or non-finite
-    variances, a non-finite centre), checked on the first call with each parameter tensor and then never
-    again while it is unchanged (the cache keys on its version counter): one device sync per new
-    parameter tensor, none per call. Skipped where values are not readable (config.validation off,
+    variances, a non-finite centre), checked on the first call with each set of parameter tensors and then
+    never again while they are unchanged (one cache entry keyed on their version counters): one device sync
+    per new parameter set, none per call. Skipped where values are not readable (config.validation off,
     torch.compile, CUDA-graph capture); sigma is checked by the public functions (numbers) or on request."""
-    for name, t, check in (("log_weights", log_weights, lambda t: check_log_weights(t)),
-                           ("eigvals", eigvals, lambda t: check_nonneg("eigvals", t)),
-                           ("lam_perp", lam_perp, lambda t: check_nonneg("lam_perp", t)),
-                           ("center", center, lambda t: check_finite("center", t))):
-        if t is not None and values_readable(t):
-            cached(("values checked", name), (t,), lambda: check(t) or True)
+    named = tuple((name, t) for name, t in (("log_weights", log_weights), ("eigvals", eigvals),
+                                             ("lam_perp", lam_perp), ("center", center)) if t is not None)
+    if not named or not values_readable(named[0][1]):
+        return
+
+    def check():
+        for name, t in named:
+            if name == "log_weights":
+                check_log_weights(t)
+            elif name == "center":
+                check_finite(name, t)
+            else:
+                check_nonneg(name, t)
+        return True
+
+    cached(("values checked",) + tuple(name for name, _ in named), tuple(t for _, t in named), check)
 
 
 def gmm_forward_cuda(x, log_weights, means, bases, eigvals, lam_perp, sigma, center=None, score=False,
@@ -50,19 +71,19 @@ def gmm_forward_cuda(x, log_weights, means, bases, eigvals, lam_perp, sigma, cen
     _need_triton()
     _check_values_once(log_weights, eigvals, lam_perp, center)
     out, log_z, w = triton_mixture.gmm_forward(
-        x.reshape(B, d), log_weights, means, bases if r > 0 else None, eigvals if r > 0 else None, lam_perp,
+        _rows(x, B, d), log_weights, means, bases if r > 0 else None, eigvals if r > 0 else None, lam_perp,
         _center(center, means), sigma, score=score, return_weights=return_weights,
         precision=config.kernel_precision(x.device))
-    return out.to(x.dtype).reshape(x.shape), log_z, w
+    return _as_x(out, x), log_z, w
 
 
 def delta_mixture_forward_cuda(x, points, log_weights, sigma, center=None, score=False, chunk_size=0):
     B, d, _, _ = meta.check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
     _need_triton()
     _check_values_once(log_weights, center=center)
-    out, log_z = triton_mixture.delta_mixture_forward(x.reshape(B, d), points, log_weights, _center(center, points),
+    out, log_z = triton_mixture.delta_mixture_forward(_rows(x, B, d), points, log_weights, _center(center, points),
                                                       sigma, score=score, precision=config.kernel_precision(x.device))
-    return out.to(x.dtype).reshape(x.shape), log_z
+    return _as_x(out, x), log_z
 
 
 torch.library.register_kernel("gsa::gmm_forward", "cuda")(gmm_forward_cuda)

@@ -20,8 +20,8 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
   sum) recomputes the dots (3 B N d multiply-adds instead of 2) and a grid over d-slices of acc
   recomputes the dots once per slice; storing the logits [B, N] breaks the memory bound. Logits are never
   stored. The points are read once per row tile; splitting them over S programs per row tile keeps the GPU
-  busy for small B, and a small PyTorch epilogue merges the S partial states exactly
-  (gsa_kernels._core.lse.merge_states). Extra memory:
+  busy for small B, and one small kernel merges the S partial states exactly and adds the op's epilogue
+  (gsa_kernels._core.lse.merge_mixture). Extra memory:
   S B d + 2 S B floats, with S <= ~2 programs per SM and S B d <= 2^25 (128 MiB).
 
 * ``_gmm_partial_kernel`` (GMM, K components, optional rank-r bases). A program streams over its range of
@@ -58,7 +58,7 @@ import triton.language as tl
 from .._core.cache import as_contiguous
 from .._core.dtypes import compute_dtype
 from .._core.launch import cdiv, device_guard, split_count
-from .._core.lse import merge_states
+from .._core.lse import merge_mixture
 
 LOG2PI = math.log(2 * math.pi)
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -320,7 +320,12 @@ _GMM_MAX_BLOCK_R = 32
 
 
 def clamped_sigma_sq(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    return (sigma.to(dtype).reshape(-1).expand(batch) ** 2).clamp(FLT_MIN, FLT_MAX).contiguous()
+    """sigma^2 clamped to [FLT_MIN, FLT_MAX] as a contiguous [batch] vector: two ops for a [batch] sigma."""
+    s = sigma.to(dtype)
+    s2 = (s * s).clamp_(FLT_MIN, FLT_MAX)
+    if s2.dim() != 1 or s2.shape[0] != batch:
+        s2 = s2.reshape(-1).expand(batch).contiguous()
+    return s2
 
 
 def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: torch.Tensor | None,
@@ -361,11 +366,10 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
         with device_guard(x2):
             _delta_partial_kernel[(row_blocks, S)](x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split,
                                                    **consts)
-    xr = x2.to(acc_dt) - center
-    # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2).
-    merged = merge_states(m, l, acc, -l if score else None, xr)
-    out = merged.out / s2[:, None] if score else merged.out + center
-    return out, merged.log_w - 0.5 * D * torch.log(2 * math.pi * s2)
+    # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2); one launch.
+    out, log_z, _, _ = merge_mixture(m, l, acc, -l if score else None, x2, center, s2, add_ctr=not score,
+                                     divide_by_s2=score, log_norm_scale=0.5 * D, kernel=True)
+    return out, log_z
 
 
 def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, bases: torch.Tensor | None,
@@ -386,7 +390,7 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     if blocks is None:
         blocks = _GMM_BLOCKS[(acc_dt == torch.float32, B > 16)]
     bb, bd, warps = blocks
-    block_r = max(16, min(max_block_r, triton.next_power_of_2(max(R, 1))))
+    block_r = max(16, min(max_block_r, 1 << (max(R, 1) - 1).bit_length()))  # next power of 2 (no JIT call)
     row_blocks = cdiv(B, bb)
     dev = x2.device
     has_bases = R > 0
@@ -407,21 +411,22 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     k_per_split = cdiv(K, S)
     S = cdiv(K, k_per_split)
     acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
-    m, l, x_sum = torch.empty((3, S, B), dtype=acc_dt, device=dev).unbind(0)
-    logits = torch.empty((B, K) if return_weights else (1,), dtype=acc_dt, device=dev)
-    c_scratch = torch.empty((S, B, R) if R > 0 else (1,), dtype=acc_dt, device=dev)
+    m, l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(3))
+    # Pointers the kernel does not touch (no stored logits, no bases) get a live buffer, not an allocation.
+    logits = torch.empty((B, K), dtype=acc_dt, device=dev) if return_weights else m
+    c_scratch = torch.empty((S, B, R), dtype=acc_dt, device=dev) if R > 0 else m
     if B > 0:
         with device_guard(x2):
             _gmm_partial_kernel[(row_blocks, S)](
                 x2, means, bases_c, eig_c, lp_c, lw_c, center, s2,
                 acc, m, l, x_sum, logits, c_scratch, B, K, D, R, k_per_split, **consts)
-    xr = x2.to(acc_dt) - center
-    merged = merge_states(m, l, acc, x_sum, xr)
-    out = merged.out if score else merged.out + center
+    out, log_z, shift, inv_w = merge_mixture(m, l, acc, x_sum, x2, center, s2, add_ctr=not score,
+                                             divide_by_s2=False, log_norm_scale=0.5 * D, stats=return_weights,
+                                             kernel=True)
     # exp(logit - M) / W rather than exp(logit - log_z): M is one of the logits (exact difference).
-    weights = (torch.exp(logits - merged.shift[:, None]) * merged.inv_w[:, None] if return_weights
-               else logits.new_empty((0,)))
-    return out, merged.log_w - 0.5 * D * (LOG2PI + torch.log(s2)), weights
+    weights = (torch.exp(logits - shift[:, None]) * inv_w[:, None] if return_weights
+               else acc.new_empty((0,)))
+    return out, log_z, weights
 
 
 def aot_cases(full: bool = False):
