@@ -19,7 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
-KERNEL_MODULES = ("gsa_kernels.gaussian.triton_gaussian", "gsa_kernels.mixture.triton_mixture")
+KERNEL_MODULES = ("gsa_kernels.gaussian.triton_gaussian", "gsa_kernels.mixture.triton_mixture",
+                  "gsa_kernels._core.triton_lse")
 
 
 def _jit_functions(module) -> dict:

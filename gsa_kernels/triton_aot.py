@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-MODULES = ["gsa_kernels.gaussian.triton_gaussian", "gsa_kernels.mixture.triton_mixture"]
+MODULES = ["gsa_kernels.gaussian.triton_gaussian", "gsa_kernels.mixture.triton_mixture", "gsa_kernels._core.triton_lse"]
 
 
 def compile_case(kernel, args: dict, arch: int = 90):

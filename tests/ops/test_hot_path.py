@@ -123,6 +123,22 @@ def test_merge_path_issues_no_matmul_under_tf32_flags():
     assert rel_err(g_out, ref) < 1e-5
 
 
+# The PyTorch ops one call issues besides its Triton launches (each is a kernel launch or an allocation on a
+# GPU): sigma^2 (2), the workspace and partial states (3-4), the merge's outputs (2), for GMM the empty
+# weights (1); the merge itself and its epilogue are one Triton launch.
+MAX_OPS_PER_CALL = {"denoise": 6, "delta_mixture_forward": 8, "gmm_forward": 10}
+
+
+def test_stubbed_cuda_path_issues_few_pytorch_ops():
+    with stubbed_triton_launch():
+        calls = stubbed_cuda_calls(64, torch.device("cpu"))
+        for op, fn in calls.items():
+            fn()
+            with _OpRecorder() as rec:
+                fn()
+            assert len(rec.ops) <= MAX_OPS_PER_CALL[op], (op, rec.ops)
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision modes.
 def test_auto_precision_is_tf32x3_on_tensor_cores_only():
