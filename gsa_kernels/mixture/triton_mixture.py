@@ -49,8 +49,6 @@ launch configurations for sm_90 without a GPU (no register spills at the chosen 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +58,6 @@ from .._core.dtypes import compute_dtype
 from .._core.launch import cdiv, device_guard, split_count
 from .._core.lse import merge_mixture
 
-LOG2PI = math.log(2 * math.pi)
 FLT_MIN = torch.finfo(torch.float32).tiny
 FLT_MAX = torch.finfo(torch.float32).max
 WORKSPACE_ELEMENTS = 1 << 25
