@@ -207,7 +207,6 @@ struct MixtureData {
 template <class T>
 struct Partial {
   std::vector<double> run_max, run_sum;    // [B]
-  std::vector<T> run_x;                    // [blocks B] coefficient of (x - frame) (VJP block 2: of v)
   Tensor acc;                              // [blocks B, d]
   Tensor m_buf, u_buf, xk_buf;             // M = mu - c_k [C, d]; U_flat [d, C r] when not a view; x - c_k [B, d]
   Tensor xw_buf, vw_buf, p_buf;            // [x'.M | U^T x'], [v.M | U^T v]  [B, C (1 + r)]; coefficients [blocks B, C (1 + r)]
@@ -217,7 +216,7 @@ struct Partial {
   std::vector<double> local;               // [B C]: cross terms, then the logits, then the weights p
   std::vector<double> xk_d, m_d;           // float64 x - c_k, M (d <= kDirectDim)
   std::vector<double> dlt, vck;            // ||x - c_k||^2 - rho [B]; v.(c_k - F) [B]
-  std::vector<T> alpha, chunk_c;           // [B], [blocks B] coefficient of (c_k - frame)
+  std::vector<T> alpha, chunk_x, chunk_c;  // [B]; [blocks B] coefficients of x - c_k (VJP block 2: of v) and c_k - frame
 };
 
 // Frame of the chunk [k0, k0 + kc): c_k = the mean of its rows, M = mu - c_k, x' = x - c_k, the cross
@@ -444,8 +443,10 @@ void component_coefs(const MixtureData<T>& in, int64_t comp, T s2, bool score, T
   }
 }
 
-// acc = alpha acc + P[:, :C] M + P[:, C:] U_flat^T + chunk_c (c_k - frame) over the row blocks (the GEMMs
-// into scratch, the rescale fused into the add).
+// acc = alpha acc + P[:, :C] M + P[:, C:] U_flat^T + chunk_x (x - c_k) + chunk_c (c_k - frame) over the row
+// blocks (the GEMMs into scratch, the rescale fused into the add; VJP block 2 has v in place of x - c_k).
+// Every difference is taken in the chunk's frame: mu_i - x = M_i - (x - c_k) loses eps relative to the
+// chunk, not to the whole data set.
 template <class T>
 void chunk_accumulate(const MixtureData<T>& in, Partial<T>& st, int64_t kc, const T* U, int64_t uj, int64_t uc,
                       bool has_m_term) {
@@ -464,11 +465,13 @@ void chunk_accumulate(const MixtureData<T>& in, Partial<T>& st, int64_t kc, cons
     mm_out(strided<T>(st.step_u_buf, const_cast<T*>(SU), rows, d, d, 1),
            strided<T>(st.p_buf, P + kc, rows, kc * r, width, 1), strided<T>(st.acc, const_cast<T*>(U), kc * r, d, uc, uj));
   }
+  const T* xk = st.xk_buf.template const_data_ptr<T>();
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t b = row % B;
-    const T alpha = st.alpha[b], cc = st.chunk_c[row];
+    const T alpha = st.alpha[b], cx = st.chunk_x[row], cc = st.chunk_c[row];
+    const T* xvec = row >= 2 * B ? in.v + b * d : xk + b * d;
     for (int64_t j = 0; j < d; ++j) {
-      T v = acc[row * d + j] * alpha;
+      T v = acc[row * d + j] * alpha + cx * xvec[j];
       if (has_m_term) v += S[row * d + j];
       if (r > 0) v += SU[row * d + j];
       if (cc != T(0)) v += cc * (in.frame ? st.ck[j] - in.frame[b * d + j] : st.ckd_t[j]);
@@ -477,8 +480,8 @@ void chunk_accumulate(const MixtureData<T>& in, Partial<T>& st, int64_t kc, cons
   }
 }
 
-// Streams the components [k0, k0 + kc) into the forward state: acc += sum_i p_i [cm_i (mu_i - ctr) +
-// U_i (g_i c_i)], run_x += sum_i p_i cx_i (the coefficient of x - ctr).
+// Streams the components [k0, k0 + kc) into the forward state: acc += sum_i p_i [cm_i M_i + cx_i (x - c_k)
+// + (cm_i + cx_i) (c_k - ctr) + U_i (g_i c_i)] (for the score cm + cx = 0: no frame term at all).
 template <class T>
 void forward_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc) {
   const MixtureArgs& a = *in.a;
@@ -503,8 +506,8 @@ void forward_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t
       x_coef += p * cx;
       for (int64_t k = 0; k < r; ++k) P[b * width + kc + i * r + k] = p * g[k] * XW[b * width + kc + i * r + k];
     }
-    st.run_x[b] = st.run_x[b] * st.alpha[b] + x_coef;
-    st.chunk_c[b] = c_coef;
+    st.chunk_x[b] = x_coef;
+    st.chunk_c[b] = c_coef + x_coef;
   }
   chunk_accumulate(in, st, kc, U, uj, uc, /*has_m_term=*/!(full_rank && in.score));
 }
@@ -533,9 +536,10 @@ void vjp_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc)
       const T p = static_cast<T>(st.local[b * kc + i]);
       T cm, cx;
       component_coefs(in, k0 + i, in.s2[b], /*score=*/false, cm, cx, g.data());
-      // D_i - F = cm (mu_i - F) + cx (x - F) + U_i (g c_i)   (cm + cx = 1 off full rank).
+      // D_i - F = cm M_i + cx (x - c_k) + (cm + cx) (c_k - F) + U_i (g c_i); v.(c_k - F) = vck,
+      // v.(x - c_k) = v.(x - F) - vck.
       double beta = static_cast<double>(cm) * (static_cast<double>(VW[b * width + i]) + st.vck[b]) +
-                    static_cast<double>(cx) * in.vxf[b];
+                    static_cast<double>(cx) * in.vxf[b];  // = cx (v.(x - c_k) + vck)
       for (int64_t k = 0; k < r; ++k) {
         beta += static_cast<double>(VW[b * width + kc + i * r + k]) * g[k] * XW[b * width + kc + i * r + k];
       }
@@ -555,22 +559,21 @@ void vjp_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc)
         p2[kc + i * r + k] = p * g[k] * VW[b * width + kc + i * r + k];
       }
     }
-    const T alpha = st.alpha[b];
-    st.run_x[b] = st.run_x[b] * alpha + x0;
-    st.run_x[B + b] = st.run_x[B + b] * alpha + x1;
-    st.run_x[2 * B + b] = st.run_x[2 * B + b] * alpha + x2;
-    st.chunk_c[b] = c0;
-    st.chunk_c[B + b] = c1;
+    st.chunk_x[b] = x0;
+    st.chunk_x[B + b] = x1;
+    st.chunk_x[2 * B + b] = x2;
+    st.chunk_c[b] = c0 + x0;
+    st.chunk_c[B + b] = c1 + x1;
     st.chunk_c[2 * B + b] = 0;
   }
   chunk_accumulate(in, st, kc, U, uj, uc, /*has_m_term=*/true);
 }
 
-// The merged state of all workers: per row, the common max, 1 / W, and sum_s e_s acc_s, sum_s e_s run_x_s.
+// The merged state of all workers: per row the common max and W, and sum_s e_s acc_s.
 template <class T>
 struct Merged {
   std::vector<double> shift, total;  // [B]
-  std::vector<T> num, x_coef;        // [blocks B, d], [blocks B]
+  std::vector<T> num;                // [blocks B, d]
 };
 
 // Sets up the inputs shared by the forward and the VJP pass.
@@ -615,7 +618,7 @@ MixtureData<T> mixture_data(const MixtureArgs& a, const Tensor& x, const std::op
 // Streams every chunk (forward_chunk or vjp_chunk) and merges the workers' states. The chunks are split
 // over S = min(threads, chunks) workers, each streaming its own range into its own partial state with
 // single-threaded BLAS (no fork/join per chunk); the S states are merged exactly:
-//   M = max_s m_s,  e_s = exp(m_s - M),  W = sum_s e_s l_s,  num = sum_s e_s acc_s,  a = sum_s e_s a_s.
+//   M = max_s m_s,  e_s = exp(m_s - M),  W = sum_s e_s l_s,  num = sum_s e_s acc_s.
 template <class T>
 Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
   const MixtureArgs& a = *in.a;
@@ -632,7 +635,6 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
   for (auto& st : parts) {
     st.run_max.assign(B, -std::numeric_limits<double>::infinity());
     st.run_sum.assign(B, 0.0);
-    st.run_x.assign(nb * B, T(0));
     st.acc = new_tensor<T>({nb * B, d});
     std::fill_n(st.acc.template mutable_data_ptr<T>(), nb * B * d, T(0));
     st.m_buf = new_tensor<T>({chunk * d});
@@ -656,6 +658,7 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
     st.dlt.resize(B);
     st.vck.resize(B);
     st.alpha.resize(B);
+    st.chunk_x.resize(nb * B);
     st.chunk_c.resize(nb * B);
   }
   if (B > 0) {
@@ -676,7 +679,6 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
   mg.shift.assign(B, 0.0);
   mg.total.assign(B, 0.0);
   mg.num.assign(nb * B * d, T(0));
-  mg.x_coef.assign(nb * B, T(0));
   std::vector<double> e(static_cast<size_t>(n_split));
   for (int64_t b = 0; b < B; ++b) {
     double top = -std::numeric_limits<double>::infinity();
@@ -693,7 +695,6 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
       const int64_t row = blk * B + b;
       for (int64_t s = 0; s < n_split; ++s) {
         const T es = static_cast<T>(e[s]);
-        mg.x_coef[row] += es * parts[s].run_x[row];
         const T* acc = parts[s].acc.template const_data_ptr<T>() + row * d;
         for (int64_t j = 0; j < d; ++j) mg.num[row * d + j] += es * acc[j];
       }
@@ -726,9 +727,9 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
   const double vp_shared = in.lp.empty() ? 0.0 : static_cast<double>(in.lp[0]);
   for (int64_t b = 0; b < B; ++b) {
     const double inv_total = mg.total[b] > 0 ? 1.0 / mg.total[b] : 0.0;
-    // D - ctr (or the score) = (num + a (x - ctr)) / W.
+    // D - ctr (or the score) = num / W.
     for (int64_t j = 0; j < d; ++j) {
-      const double centred = (static_cast<double>(mg.num[b * d + j]) + static_cast<double>(mg.x_coef[b]) * in.xr[b * d + j]) * inv_total;
+      const double centred = static_cast<double>(mg.num[b * d + j]) * inv_total;
       po[b * d + j] = static_cast<T>(score ? centred : centred + in.ctr[j]);
     }
     // log_z = M + log W - rho / (2 vp) [when left out of the logits] - d/2 log(2 pi sigma^2), in float64;
@@ -780,13 +781,12 @@ Tensor mixture_vjp(const MixtureArgs& a, const Tensor& x, const std::optional<Te
     const double inv_s2 = 1.0 / std::clamp<double>(in.s2[b], kVarLo, kVarHi);
     double ve1 = 0;
     for (int64_t j = 0; j < d; ++j) {
-      const double xf = static_cast<double>(xt[b * d + j]) - in.frame[b * d + j];
-      e0[j] = (mg.num[b * d + j] + static_cast<double>(mg.x_coef[b]) * xf) * inv_total;
-      e1[j] = (mg.num[(B + b) * d + j] + static_cast<double>(mg.x_coef[B + b]) * xf) * inv_total;
+      e0[j] = mg.num[b * d + j] * inv_total;
+      e1[j] = mg.num[(B + b) * d + j] * inv_total;
       ve1 += static_cast<double>(in.v[b * d + j]) * e1[j];
     }
     for (int64_t j = 0; j < d; ++j) {
-      const double e2 = (mg.num[(2 * B + b) * d + j] + static_cast<double>(mg.x_coef[2 * B + b]) * in.v[b * d + j]) * inv_total;
+      const double e2 = mg.num[(2 * B + b) * d + j] * inv_total;
       po[b * d + j] = static_cast<T>(e2 + (e0[j] - ve1 * e1[j]) * inv_s2);
     }
   }
