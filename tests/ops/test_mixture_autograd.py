@@ -134,7 +134,7 @@ def kib(field):
 B, d = 32, 64
 x = torch.randn(B, d)
 out = []
-for N in (20_000, 80_000):
+for N in (50_000, 200_000):
     pts = torch.randn(N, d)
     xg = x.clone().requires_grad_()
     res = gsa_kernels.mixture.delta_mixture_forward(xg, pts, None, 0.5)
@@ -157,5 +157,5 @@ def test_backward_extra_memory_is_independent_of_n():
     res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     small, large = (int(v) for v in res.stdout.split()[-2:])
-    naive_kib = 32 * 80_000 * 4 // 1024  # one [B, N] float32 matrix
+    naive_kib = 32 * 200_000 * 4 // 1024  # one [B, N] float32 matrix
     assert large < naive_kib / 2 and large < 1.5 * small + 2048, (small, large)
