@@ -1,32 +1,25 @@
 // CPU kernels of the mixture ops (docs/math.md section 3): GMM and delta-mixture (training-set)
-// denoisers/scores with a streaming log-sum-exp over chunks of components.
+// denoisers/scores with a streaming log-sum-exp over chunks of components, and their vector-Jacobian
+// products (docs/math.md section 3.3) as a second streaming pass.
 //
-// Per chunk of C components the kernel forms, in the compute type T (float64 if any input is float64,
-// else float32; half/bfloat16 components are widened one chunk at a time):
-//   M      = mu[chunk] - ctr                       [C, d]      (ctr: a shared reference point)
-//   U_flat = the chunk's bases as a [d, C r] matrix: a strided view of the input when its layout and
-//            dtype allow (the layout torch.linalg.qr returns does), else a widened copy
-//   q      = ||x - ctr||^2 - 2 (x - ctr) M^T + ||M||^2         [B, C]   squared distances by a *centred*
-//                                                                       expansion (one GEMM)
-//   c      = (x - ctr) U_flat - U^T M              [B, C, r]   (c_i = U_i^T (x - mu_i), one GEMM)
-// A fused loop then makes the logits log pi_i + log N_i (docs/math.md section 3), the online
-// log-sum-exp update of the running max m, the rescaled sum and the sum of p_i cx_i, and the
-// per-component coefficients [p cm | p g c] of D_i - ctr (or of the score), chosen so that neither is
-// formed from a difference of nearly equal terms (see accumulate_chunk); two GEMMs add them into the
-// [B, d] accumulator:  acc = alpha acc + (p cm) M + (p g c) U_flat^T.
-// At the end out = (acc + (sum p cx)(x - ctr)) / W [+ ctr for the denoiser]. The chunks are divided
-// among T = get_num_threads() workers (torch::stable::parallel_for), each with its own state, merged
-// exactly at the end (see mixture_forward). Extra memory is O(T (B d + B C (1 + r) + C d (1 + r)));
-// nothing of shape [B, K, d] or [B, K] exists (except the posterior weights [B, K] when asked for).
+// Per chunk of C components (chunk_frame) the kernel works in the chunk's own frame c_k (its mean), in
+// the compute type T (float64 if any input is float64, else float32; half/bfloat16 components are
+// widened one chunk at a time):
+//   M = mu[chunk] - c_k [C, d],  x' = x - c_k [B, d],  x'.M^T and x'.U_flat by GEMMs (float64 loops for
+//   d <= kDirectDim),  c_i = U_i^T (x - mu_i)
+// and the logits as float64 numbers per (row, component) (chunk_weights): the per-row distance
+// ||x - ctr||^2 is kept out of them (docs/math.md section 3.1) and the chunk's offset
+// ||x - c_k||^2 - ||x - ctr||^2 is exact in float64. The online log-sum-exp gives p = exp(logit - max);
+// the coefficients of D_i (or of the score term) go into [blocks B, C (1 + r)] and two GEMMs add them
+// into the [blocks B, d] accumulators (chunk_accumulate): one block for the forward, three for the VJP.
+// The chunks are divided among T = get_num_threads() workers (torch::stable::parallel_for), each with
+// its own state, merged exactly at the end (stream_chunks). Extra memory is
+// O(T (B d + B C (1 + r) + C d (1 + r))); nothing of shape [B, K, d] or [B, K] exists (except the
+// posterior weights [B, K] when asked for).
 //
-// Why centre: the expansion ||x||^2 - 2 x.mu + ||mu||^2 loses about eps (||x||^2 + ||mu||^2) in
-// absolute terms (docs/math.md section 3.1), which is divided by 2 sigma^2. With ctr = mean of the
-// components that becomes eps (||x - ctr||^2 + ||mu - ctr||^2): for data far from the origin relative to
-// its spread (points = 10 + 0.05 randn) that is 4e4 times smaller. The score's terms mu_i - x are formed
-// in the same frame, (mu_i - ctr) - (x - ctr), so their cancellation is also relative to the spread.
-//
-// Robustness: logits use sigma^2 clamped to [FLT_MIN, FLT_MAX] and a quadratic form clamped to 1e37,
-// so finite input never produces inf/NaN logits; the online update guards the all -inf case.
+// Robustness: variances are clamped to [FLT_MIN, FLT_MAX], squared norms are float64, a residual made
+// negative by rounding is clamped and an unrepresentable one becomes the largest quadratic form, so
+// finite input never produces NaN logits; the online update guards the all -inf case.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
