@@ -267,16 +267,18 @@ def test_float64_sigma_beyond_float32_range_is_fine_for_float64_models():
     assert torch.isfinite(out).all()
 
 
-# -- 7. forward-only mixture ops -----------------------------------------------------------------
+# -- 7. the mixture models are differentiable in x ------------------------------------------------
 @pytest.mark.parametrize("kind", [1, 2], ids=["gmm", "delta"])
-def test_forward_only_mixture_ops_say_so(kind):
+def test_mixture_models_are_differentiable_in_x(kind):
     model = _models()[kind]
     x = torch.randn(3, 8, generator=gen(14), requires_grad=True)
-    out = model.denoise(x, 0.5)
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        out.sum().backward()
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        torch.autograd.grad(model.log_prob(x, 0.5).sum(), x)
+    (grad,) = torch.autograd.grad(model.log_prob(x, 0.5).sum(), x)
+    assert rel_err(grad, model.score(x.detach(), 0.5)) < 1e-5  # grad log p is the score
+    v = torch.randn(3, 8, generator=gen(15))
+    (jtv,) = torch.autograd.grad((model.denoise(x, 0.5) * v).sum(), x)
+    h = 1e-3  # the Jacobian is symmetric: J^T v = J v, a central difference along v
+    fd = (model.denoise(x.detach() + h * v, 0.5) - model.denoise(x.detach() - h * v, 0.5)) / (2 * h)
+    assert rel_err(jtv, fd) < 1e-3
     assert not model.denoise(x.detach(), 0.5).requires_grad
 
 
