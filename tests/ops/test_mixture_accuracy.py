@@ -4,7 +4,7 @@ import torch
 
 from gsa_kernels.mixture import ops
 from gsa_kernels.mixture import reference as R
-from tests.helpers import gen, random_gmm, rel_err
+from helpers import gen, random_gmm, rel_err
 
 
 def test_far_query_with_tight_components_keeps_the_posterior():

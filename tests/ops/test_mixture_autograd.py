@@ -9,7 +9,7 @@ import torch
 
 import gsa_kernels as gk
 from gsa_kernels.mixture import ops, vjp_torch
-from tests.helpers import gen, random_gmm, rel_err
+from helpers import gen, random_gmm, rel_err
 
 SIGMAS = (0.05, 0.7, 5.0)
 
