@@ -5,7 +5,9 @@
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "aten_call.h"
@@ -109,7 +111,12 @@ Tensor gaussian_map_impl(MapKind map, const GaussianArgs& a, const Tensor& x, co
   const auto mu = to_vector<T>(mean);
   const auto lam = to_vector<T>(eigvals);
   const T lp = to_vector<T>(lam_perp)[0];
-  const auto s_a = sigma_rows<T>(sigma_a, B);
+  // sigma (or sigma_from) floored at sqrt(smallest normal of T), so sigma^2 stays normal and no variance
+  // lam + sigma^2 is 0 (lam_perp = 0 would give 0 / 0); the same floor as _core/dtypes.py sigma_floor.
+  // sigma_to is not floored: 0 is a valid target.
+  auto s_a = sigma_rows<T>(sigma_a, B);
+  const T s_floor = std::sqrt(std::numeric_limits<T>::min());
+  for (auto& s : s_a) s = std::max(s, s_floor);
   const auto s_b = sigma_rows<T>(sigma_b, B);
   const Tensor U = as_dtype(basis, a.ctype);
   const Tensor xc = centred<T>(x, mu, B, d);

@@ -1,32 +1,25 @@
 // CPU kernels of the mixture ops (docs/math.md section 3): GMM and delta-mixture (training-set)
-// denoisers/scores with a streaming log-sum-exp over chunks of components.
+// denoisers/scores with a streaming log-sum-exp over chunks of components, and their vector-Jacobian
+// products (docs/math.md section 3.3) as a second streaming pass.
 //
-// Per chunk of C components the kernel forms, in the compute type T (float64 if any input is float64,
-// else float32; half/bfloat16 components are widened one chunk at a time):
-//   M      = mu[chunk] - ctr                       [C, d]      (ctr: a shared reference point)
-//   U_flat = the chunk's bases as a [d, C r] matrix: a strided view of the input when its layout and
-//            dtype allow (the layout torch.linalg.qr returns does), else a widened copy
-//   q      = ||x - ctr||^2 - 2 (x - ctr) M^T + ||M||^2         [B, C]   squared distances by a *centred*
-//                                                                       expansion (one GEMM)
-//   c      = (x - ctr) U_flat - U^T M              [B, C, r]   (c_i = U_i^T (x - mu_i), one GEMM)
-// A fused loop then makes the logits log pi_i + log N_i (docs/math.md section 3), the online
-// log-sum-exp update of the running max m, the rescaled sum and the sum of p_i cx_i, and the
-// per-component coefficients [p cm | p g c] of D_i - ctr (or of the score), chosen so that neither is
-// formed from a difference of nearly equal terms (see accumulate_chunk); two GEMMs add them into the
-// [B, d] accumulator:  acc = alpha acc + (p cm) M + (p g c) U_flat^T.
-// At the end out = (acc + (sum p cx)(x - ctr)) / W [+ ctr for the denoiser]. The chunks are divided
-// among T = get_num_threads() workers (torch::stable::parallel_for), each with its own state, merged
-// exactly at the end (see mixture_forward). Extra memory is O(T (B d + B C (1 + r) + C d (1 + r)));
-// nothing of shape [B, K, d] or [B, K] exists (except the posterior weights [B, K] when asked for).
+// Per chunk of C components (chunk_frame) the kernel works in the chunk's own frame c_k (its mean), in
+// the compute type T (float64 if any input is float64, else float32; half/bfloat16 components are
+// widened one chunk at a time):
+//   M = mu[chunk] - c_k [C, d],  x' = x - c_k [B, d],  x'.M^T and x'.U_flat by GEMMs (float64 loops for
+//   d <= kDirectDim),  c_i = U_i^T (x - mu_i)
+// and the logits as float64 numbers per (row, component) (chunk_weights): the per-row distance
+// ||x - ctr||^2 is kept out of them (docs/math.md section 3.1) and the chunk's offset
+// ||x - c_k||^2 - ||x - ctr||^2 is exact in float64. The online log-sum-exp gives p = exp(logit - max);
+// the coefficients of D_i (or of the score term) go into [blocks B, C (1 + r)] and two GEMMs add them
+// into the [blocks B, d] accumulators (chunk_accumulate): one block for the forward, three for the VJP.
+// The chunks are divided among T = get_num_threads() workers (torch::stable::parallel_for), each with
+// its own state, merged exactly at the end (stream_chunks). Extra memory is
+// O(T (B d + B C (1 + r) + C d (1 + r))); nothing of shape [B, K, d] or [B, K] exists (except the
+// posterior weights [B, K] when asked for).
 //
-// Why centre: the expansion ||x||^2 - 2 x.mu + ||mu||^2 loses about eps (||x||^2 + ||mu||^2) in
-// absolute terms (docs/math.md section 3.1), which is divided by 2 sigma^2. With ctr = mean of the
-// components that becomes eps (||x - ctr||^2 + ||mu - ctr||^2): for data far from the origin relative to
-// its spread (points = 10 + 0.05 randn) that is 4e4 times smaller. The score's terms mu_i - x are formed
-// in the same frame, (mu_i - ctr) - (x - ctr), so their cancellation is also relative to the spread.
-//
-// Robustness: logits use sigma^2 clamped to [FLT_MIN, FLT_MAX] and a quadratic form clamped to 1e37,
-// so finite input never produces inf/NaN logits; the online update guards the all -inf case.
+// Robustness: variances are clamped to [FLT_MIN, FLT_MAX], squared norms are float64, a residual made
+// negative by rounding is clamped and an unrepresentable one becomes the largest quadratic form, so
+// finite input never produces NaN logits; the online update guards the all -inf case.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
@@ -58,6 +51,7 @@ MixtureArgs check_mixture(const Tensor& x, const std::optional<Tensor>& log_weig
                           const Tensor& sigma, const std::optional<Tensor>& center, int64_t chunk_size) {
   const int64_t dim = check_x(x);
   const int64_t batch = x.size(0);
+  GSA_CHECK(dim >= 1, "x must have d >= 1 values per row, got shape ", shape_of(x));
   check_float(means, means_name);
   check_same_device(means, x, means_name);
   GSA_CHECK(means.dim() == 2 && means.size(1) == dim, means_name, " must have shape [K, d] with d = ", dim,
@@ -123,7 +117,8 @@ int64_t pick_chunk(int64_t requested, const MixtureArgs& a, int64_t threads) {
   if (requested > 0) return std::min(requested, a.n_comp);
   const int64_t budget = int64_t(1) << 18;
   const int64_t width = 1 + a.rank;
-  int64_t c = std::min(budget / std::max<int64_t>(a.dim * width, 1), budget / std::max<int64_t>(a.batch * width, 1));
+  // Per component: [B, 1 + r] GEMM outputs and coefficients, plus a float64 [B] logit column.
+  int64_t c = std::min(budget / std::max<int64_t>(a.dim * width, 1), budget / std::max<int64_t>(a.batch * (width + 2), 1));
   // At least one chunk per thread when there are enough components to keep BLAS efficient.
   c = std::min(c, std::max<int64_t>(64, (a.n_comp + threads - 1) / threads));
   return std::clamp<int64_t>(c, std::min<int64_t>(64, a.n_comp), std::max<int64_t>(a.n_comp, 1));
@@ -173,52 +168,101 @@ std::vector<double> mean_of_means(const Tensor& means) {
   return sum;
 }
 
-// Inputs of one call in the compute type (all small except x - ctr).
+// Up to this dimension the chunk's cross terms are float64 loops instead of a GEMM in T: the GEMM would
+// not pay off, and in low dimension a query's nearest points sit far closer than the spread of the chunk,
+// where only an exact expansion keeps the logits right at small sigma.
+constexpr int64_t kDirectDim = 16;
+constexpr double kQuadMaxD = 1e300;  // float64 logits: clamp only what would overflow
+
+// Inputs of one call (all small except the [B, d] copies of x).
 template <class T>
 struct MixtureData {
   const MixtureArgs* a;
-  Tensor xr;                      // x - ctr   [B, d]
-  std::vector<T> xnorm, s2, ctr;  // [B], [B], [d]
-  std::vector<T> eig;             // [K, r]
-  std::vector<T> lw, lp;          // [K] or empty
-  Tensor means, bases;            // any strides, any float dtype (bases undefined when r = 0)
-  bool score;
-  T* logits;                      // [B, K] when the posterior weights are asked for, else null
+  Tensor xt;                        // x in T [B, d]
+  std::vector<double> xr;           // x - ctr in float64 [B, d]
+  std::vector<double> rho;          // ||x - ctr||^2 in float64 [B]
+  std::vector<T> s2;                // sigma^2 [B]
+  std::vector<double> ctr;          // the output frame [d]
+  std::vector<T> eig;               // [K, r]
+  std::vector<T> lw, lp;            // [K] or empty
+  Tensor means, bases;              // any strides, any float dtype (bases undefined when r = 0)
+  bool score = false;
+  bool drop_rho = false;            // all components share lam_perp: rho / (2 vp) is a row constant -> log_z
+  double* logits = nullptr;         // [B, K] float64 logits when the posterior weights are asked for
+  // The VJP pass (docs/math.md section 3.3): frame F [B, d] (any point close to D), cotangent v [B, d].
+  const T* frame = nullptr;
+  const T* v = nullptr;
+  std::vector<double> vxf;          // v.(x - F) [B]
+  int64_t blocks() const { return v ? 3 : 1; }
 };
 
 // One worker's streaming state and scratch buffers.
 template <class T>
 struct Partial {
-  std::vector<T> run_max, run_sum, run_x;  // [B]
-  Tensor acc;                              // [B, d]
-  Tensor m_buf, u_buf;                     // M [C, d]; U_flat [d, C r] when it cannot be a view
-  Tensor xw_buf, p_buf;                    // [x.M | U_flat^T (x - ctr)], [p cm | p g c]   [B, C (1 + r)]
-  Tensor step_buf, step_u_buf;             // (p cm) M, (p g c) U_flat^T                    [B, d]
-  std::vector<T> mnorm, t, logit, alpha;   // [C], [C r], [C], [B]
+  std::vector<double> run_max, run_sum;    // [B]
+  Tensor acc;                              // [blocks B, d]
+  Tensor m_buf, u_buf, xk_buf;             // M = mu - c_k [C, d]; U_flat [d, C r] when not a view; x - c_k [B, d]
+  Tensor xw_buf, vw_buf, p_buf;            // [x'.M | U^T x'], [v.M | U^T v]  [B, C (1 + r)]; coefficients [blocks B, C (1 + r)]
+  Tensor step_buf, step_u_buf;             // [blocks B, d]
+  std::vector<T> ck, ckd_t, t;             // c_k [d], c_k - ctr [d], U_i^T M_i [C r]
+  std::vector<double> ckd, mnorm;          // c_k - ctr [d], ||M_i||^2 [C]
+  std::vector<double> local;               // [B C]: cross terms, then the logits, then the weights p
+  std::vector<double> xk_d, m_d;           // float64 x - c_k, M (d <= kDirectDim)
+  std::vector<double> dlt, vck;            // ||x - c_k||^2 - rho [B]; v.(c_k - F) [B]
+  std::vector<T> alpha, chunk_x, chunk_c;  // [B]; [blocks B] coefficients of x - c_k (VJP block 2: of v) and c_k - frame
 };
 
-// Streams the components [k0, k0 + kc) into the state (see the header comment).
+// Frame of the chunk [k0, k0 + kc): c_k = the mean of its rows, M = mu - c_k, x' = x - c_k, the cross
+// terms ||M_i||^2 - 2 x'.M_i (GEMM in T, or float64 loops for small d), c_i = U_i^T (x - mu_i) (in
+// place in xw), and the exact per-row difference dlt = ||x - c_k||^2 - ||x - ctr||^2 in float64
+// (docs/math.md section 3.1).
 template <class T>
-void accumulate_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc) {
+void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc, Tensor& u_flat, const T*& U,
+                 int64_t& uj, int64_t& uc) {
   const MixtureArgs& a = *in.a;
   const int64_t B = a.batch, d = a.dim, r = a.rank, width = kc * (1 + r);
-  const bool full_rank = r == d, has_lp = !in.lp.empty(), score = in.score;
-  const T exp_floor = std::is_same_v<T, double> ? T(-700) : T(-80);
-  // M = mu - ctr, widened, and ||mu_i - ctr||^2.
+  const bool direct = d <= kDirectDim;
   T* M = st.m_buf.template mutable_data_ptr<T>();
   const auto [means_c, m_off] = contiguous_rows(in.means, k0, kc);
   visit_float(means_c, [&](const auto* pm) {
+    std::fill(st.ckd.begin(), st.ckd.end(), 0.0);
+    for (int64_t i = 0; i < kc; ++i) {
+      for (int64_t j = 0; j < d; ++j) st.ckd[j] += static_cast<double>(pm[m_off + i * d + j]);
+    }
+    for (int64_t j = 0; j < d; ++j) {
+      st.ck[j] = static_cast<T>(st.ckd[j] / static_cast<double>(kc));
+      st.ckd[j] = static_cast<double>(st.ck[j]) - in.ctr[j];
+      st.ckd_t[j] = static_cast<T>(st.ckd[j]);
+    }
     for (int64_t i = 0; i < kc; ++i) {
       const auto* m_i = pm + m_off + i * d;
-      for (int64_t j = 0; j < d; ++j) M[i * d + j] = static_cast<T>(m_i[j]) - in.ctr[j];
-      st.mnorm[i] = dot(M + i * d, M + i * d, d);
+      double nrm = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        M[i * d + j] = static_cast<T>(m_i[j]) - st.ck[j];
+        if (direct) {
+          st.m_d[i * d + j] = static_cast<double>(m_i[j]) - static_cast<double>(st.ck[j]);
+          nrm += st.m_d[i * d + j] * st.m_d[i * d + j];
+        }
+      }
+      st.mnorm[i] = direct ? nrm : static_cast<double>(dot(M + i * d, M + i * d, d));
     }
   });
-  const Tensor m_mat = strided<T>(st.m_buf, M, kc, d, d, 1);
+  double ck_sq = 0;
+  for (int64_t j = 0; j < d; ++j) ck_sq += st.ckd[j] * st.ckd[j];
+  T* xk = st.xk_buf.template mutable_data_ptr<T>();
+  const T* xt = in.xt.template const_data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    double cross = 0, vck = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      xk[b * d + j] = xt[b * d + j] - st.ck[j];
+      if (direct) st.xk_d[b * d + j] = static_cast<double>(xt[b * d + j]) - static_cast<double>(st.ck[j]);
+      cross += in.xr[b * d + j] * st.ckd[j];
+      if (in.v) vck += static_cast<double>(in.v[b * d + j]) * (static_cast<double>(st.ck[j]) - in.frame[b * d + j]);
+    }
+    st.dlt[b] = ck_sq - 2 * cross;  // ||x - c_k||^2 - ||x - ctr||^2, exact to float64 rounding
+    st.vck[b] = vck;
+  }
   // U_flat [d, C r] with element (j, i r + k) = (U_i)_jk at U[j uj + (i r + k) uc], and t_i = U_i^T M_i.
-  Tensor u_flat;
-  const T* U = nullptr;
-  int64_t uj = 0, uc = 0;
   if (r > 0) {
     const Tensor& bs = in.bases;
     if (bs.scalar_type() == torch::headeronly::CppTypeToScalarType<T>::value && bs.stride(0) == r * bs.stride(2)) {
@@ -256,128 +300,402 @@ void accumulate_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int6
     }
   }
   T* XW = st.xw_buf.template mutable_data_ptr<T>();
-  T* P = st.p_buf.template mutable_data_ptr<T>();
-  mm_out(strided<T>(st.xw_buf, XW, B, kc, width, 1), in.xr, strided<T>(st.m_buf, M, d, kc, 1, d));
-  if (r > 0) mm_out(strided<T>(st.xw_buf, XW + kc, B, kc * r, width, 1), in.xr, u_flat);
+  const Tensor xk_mat = strided<T>(st.xk_buf, xk, B, d, d, 1);
+  const Tensor mt = strided<T>(st.m_buf, M, d, kc, 1, d);
+  if (direct) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < kc; ++i) {
+        double s = 0;
+        for (int64_t j = 0; j < d; ++j) s += st.m_d[i * d + j] * (st.m_d[i * d + j] - 2 * st.xk_d[b * d + j]);
+        st.local[b * kc + i] = s;
+      }
+    }
+  } else {
+    mm_out(strided<T>(st.xw_buf, XW, B, kc, width, 1), xk_mat, mt);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < kc; ++i) st.local[b * kc + i] = st.mnorm[i] - 2 * static_cast<double>(XW[b * width + i]);
+    }
+  }
+  if (r > 0) mm_out(strided<T>(st.xw_buf, XW + kc, B, kc * r, width, 1), xk_mat, u_flat);
+  if (in.v) {
+    T* VW = st.vw_buf.template mutable_data_ptr<T>();
+    const Tensor v_mat = strided<T>(st.xk_buf, const_cast<T*>(in.v), B, d, d, 1);
+    mm_out(strided<T>(st.vw_buf, VW, B, kc, width, 1), v_mat, mt);
+    if (r > 0) mm_out(strided<T>(st.vw_buf, VW + kc, B, kc * r, width, 1), v_mat, u_flat);
+  }
+}
+
+// float64 logits of the chunk (log pi_i + log N_i + d/2 log(2 pi sigma^2), less rho / (2 vp) when
+// drop_rho) and the online log-sum-exp step: p = exp(logit - running max) in T, alpha the rescale.
+template <class T>
+void chunk_weights(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc) {
+  const MixtureArgs& a = *in.a;
+  const int64_t B = a.batch, d = a.dim, r = a.rank, width = kc * (1 + r);
+  const bool full_rank = r == d, has_lp = !in.lp.empty();
+  const double exp_floor = std::is_same_v<T, double> ? -700.0 : -80.0;
+  T* XW = st.xw_buf.template mutable_data_ptr<T>();
   const T* eig = in.eig.data() + k0 * r;
   for (int64_t b = 0; b < B; ++b) {
-    T* xw_row = XW + b * width;  // [x.M_i | U_i^T (x - ctr)], the second part becomes c_i in place
-    T* p_row = P + b * width;
-    const T s2 = in.s2[b];
-    const T s2c = std::clamp<T>(s2, kVarLo, kVarHi);  // sigma^2 clamped to [FLT_MIN, FLT_MAX]
-    // Logits log N_i + d/2 log(2 pi sigma^2) + log pi_i (the row constant is added at the end). The
-    // log-determinant is taken relative to the isotropic sigma^2 I as sum log1p(lam / s^2), so the
-    // logits stay O(1) at large sigma instead of carrying a common d log(sigma^2) that would cost the
-    // posterior weights eps d log(sigma^2).
-    T row_max = -std::numeric_limits<T>::infinity();
+    T* xw_row = XW + b * width;
+    const double s2 = in.s2[b];
+    const double s2c = std::clamp<double>(s2, kVarLo, kVarHi);
+    // ||x - mu_i||^2 = rho + dlt + local_i; rho is left out (and added to log_z) when it is a row constant.
+    const double row_q = st.dlt[b] + (in.drop_rho ? 0.0 : in.rho[b]);
+    const double q_lo = in.drop_rho ? -in.rho[b] : 0.0;
+    double row_max = -std::numeric_limits<double>::infinity();
     for (int64_t i = 0; i < kc; ++i) {
-      T q = std::max<T>(in.xnorm[b] + st.mnorm[i] + T(-2) * xw_row[i], 0);  // ||x - mu_i||^2, centred
-      T quad = 0, logdet = 0;
+      double q = row_q + st.local[b * kc + i];
+      double quad = 0, logdet = 0;
       if (r > 0) {
-        T c_sq_sum = 0;
+        double c_sq_sum = 0;
         for (int64_t k = 0; k < r; ++k) {
           T& c = xw_row[kc + i * r + k];
           c -= st.t[i * r + k];  // c_ik = U_i^T (x - mu_i)
-          const T c_sq = c * c;
-          const T v = std::clamp<T>(eig[i * r + k] + s2, kVarLo, kVarHi);
+          const double c_sq = static_cast<double>(c) * static_cast<double>(c);
+          const double v = std::clamp<double>(eig[i * r + k] + s2, kVarLo, kVarHi);
           quad += c_sq / v;
-          logdet += std::log1p(std::min<T>(eig[i * r + k] / s2c, kVarHi));
+          logdet += std::log1p(std::min<double>(eig[i * r + k] / s2c, kVarHi));
           c_sq_sum += c_sq;
         }
-        if (!full_rank) q = std::max<T>(q - c_sq_sum, 0);  // q_i - p_i, the off-subspace residual
+        q -= c_sq_sum;  // the off-subspace residual q_i - p_i
       }
       if (!full_rank) {
-        T vp = s2c;  // lam_perp_i + sigma^2 (lam_perp = 0: log1p(0) = 0)
+        q = std::isnan(q) ? kQuadMaxD : std::max(q, q_lo);
+        double vp = s2c;
         if (has_lp) {
-          const T lp = in.lp[k0 + i];
-          vp = std::clamp<T>(lp + s2, kVarLo, kVarHi);
-          logdet += std::log1p(std::min<T>(lp / s2c, kVarHi)) * static_cast<T>(d - r);
+          const double lp = in.lp[k0 + i];
+          vp = std::clamp<double>(lp + s2, kVarLo, kVarHi);
+          logdet += std::log1p(std::min<double>(lp / s2c, kVarHi)) * static_cast<double>(d - r);
         }
         quad += q / vp;
       }
-      T logit = T(-0.5) * (std::min<T>(quad, kQuadMax) + logdet);
+      double logit = -0.5 * (std::min(quad, kQuadMaxD) + logdet);
+      if (std::isnan(logit)) logit = -0.5 * kQuadMaxD;
       if (!in.lw.empty()) logit += in.lw[k0 + i];
-      st.logit[i] = logit;
+      st.local[b * kc + i] = logit;
       row_max = std::max(row_max, logit);
       if (in.logits) in.logits[b * a.n_comp + k0 + i] = logit;
     }
     // Online log-sum-exp (an all -inf state stays NaN-free: shift 0, alpha = p = 0).
-    const T m_new = std::max(st.run_max[b], row_max);
-    const T shift = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;
-    const T alpha = std::exp(st.run_max[b] - shift);
-    st.alpha[b] = alpha;
+    const double m_new = std::max(st.run_max[b], row_max);
+    const double shift = m_new == -std::numeric_limits<double>::infinity() ? 0.0 : m_new;
+    const double alpha = std::exp(st.run_max[b] - shift);
+    st.alpha[b] = static_cast<T>(alpha);
     st.run_max[b] = m_new;
-    T p_sum = 0, x_coef = 0;
+    double p_sum = 0;
     for (int64_t i = 0; i < kc; ++i) {
       // Weights below e^exp_floor relative to the max are exactly 0 instead of subnormal floats (which
       // run ~50x slower on x86 and change D by < K e^exp_floor relative).
-      const T arg = st.logit[i] - shift;
-      const T p = arg < exp_floor ? T(0) : std::exp(arg);
+      const double arg = st.local[b * kc + i] - shift;
+      const T p = arg < exp_floor ? T(0) : static_cast<T>(std::exp(arg));
+      st.local[b * kc + i] = p;
       p_sum += p;
-      // Each component adds p_i [cm_i (mu_i - ctr) + cx_i (x - ctr) + U_i (g_i * c_i)] to the state, with
-      // the coefficients of D_i - ctr (denoiser) or of the score term (docs/math.md section 3 rearranged
-      // so that no factor is a difference of nearly equal numbers; vp = lam_perp + s^2, v = lam + s^2,
-      // clamped):
-      //              cm_i            cx_i               g_ik
-      //   denoiser:  s^2 / vp_i      lam_perp_i / vp_i  s^2 (lam_ik - lam_perp_i) / (v_ik vp_i)  (= 1-a, a, b-a)
-      //   score:     1 / vp_i        -1 / vp_i          (lam_ik - lam_perp_i) / (v_ik vp_i)      (the same / s^2)
-      //   r = d:     1 | 0           0 | 0              lam_ik / v_ik | -1 / v_ik                (no complement)
-      // The denoiser is never formed as x + (D - x) (cancels at large sigma), nor the score as
-      // (D - x) / s^2 (cancels at small sigma).
-      T vp = s2c;
-      if (full_rank) {
-        p_row[i] = score ? T(0) : p;
-      } else if (has_lp) {
-        const T lp = in.lp[k0 + i];
-        vp = std::clamp<T>(lp + s2, kVarLo, kVarHi);
-        const T inv_vp = T(1) / vp;
-        p_row[i] = score ? p * inv_vp : p * (s2c * inv_vp);
-        x_coef += score ? -p * inv_vp : p * (lp * inv_vp);
-      } else {
-        p_row[i] = score ? p / vp : p;  // lam_perp = 0: cm = 1 / s^2 (score) or 1, cx = -1 / s^2 or 0
-      }
-      for (int64_t k = 0; k < r; ++k) {
-        const T lam = eig[i * r + k];
-        const T v = std::clamp<T>(lam + s2, kVarLo, kVarHi);
-        T g;
-        if (full_rank) {
-          g = score ? T(-1) / v : lam / v;
-        } else {
-          g = (has_lp ? lam - in.lp[k0 + i] : lam) / (v * vp);
-          if (!score) g = g * s2c;
-        }
-        p_row[kc + i * r + k] = p * g * xw_row[kc + i * r + k];
-      }
     }
-    if (!full_rank && !has_lp && score) x_coef = -(p_sum / s2c);
     st.run_sum[b] = st.run_sum[b] * alpha + p_sum;
-    st.run_x[b] = st.run_x[b] * alpha + x_coef;
   }
-  // acc = alpha acc + (p cm) M + (p g c) U_flat^T (the GEMMs into scratch, the rescale fused into the add).
-  T* acc = st.acc.template mutable_data_ptr<T>();
-  const bool has_m_term = !(full_rank && score);
-  const T* S = st.step_buf.template const_data_ptr<T>();
-  const T* SU = r > 0 ? st.step_u_buf.template const_data_ptr<T>() : nullptr;
-  if (has_m_term) mm_out(strided<T>(st.step_buf, const_cast<T*>(S), B, d, d, 1), strided<T>(st.p_buf, P, B, kc, width, 1), m_mat);
-  if (r > 0) {
-    mm_out(strided<T>(st.step_u_buf, const_cast<T*>(SU), B, d, d, 1), strided<T>(st.p_buf, P + kc, B, kc * r, width, 1),
-           strided<T>(st.acc, const_cast<T*>(U), kc * r, d, uc, uj));
+}
+
+// The coefficients of D_i - c (denoiser) or of the score term of component i (docs/math.md section 3,
+// rearranged so that no factor is a difference of nearly equal numbers; vp = lam_perp + s^2,
+// v = lam + s^2, clamped):
+//              cm_i            cx_i               g_ik
+//   denoiser:  s^2 / vp_i      lam_perp_i / vp_i  s^2 (lam_ik - lam_perp_i) / (v_ik vp_i)  (= 1-a, a, b-a)
+//   score:     1 / vp_i        -1 / vp_i          (lam_ik - lam_perp_i) / (v_ik vp_i)      (the same / s^2)
+//   r = d:     1 | 0           0 | 0              lam_ik / v_ik | -1 / v_ik                (no complement)
+// The denoiser is never formed as x + (D - x) (cancels at large sigma), nor the score as (D - x) / s^2
+// (cancels at small sigma). g is written to g[0..r).
+template <class T>
+void component_coefs(const MixtureData<T>& in, int64_t comp, T s2, bool score, T& cm, T& cx, T* g) {
+  const MixtureArgs& a = *in.a;
+  const int64_t r = a.rank;
+  const bool full_rank = r == a.dim, has_lp = !in.lp.empty();
+  const T s2c = std::clamp<T>(s2, kVarLo, kVarHi);
+  T vp = s2c, lp = 0;
+  if (full_rank) {
+    cm = score ? T(0) : T(1);
+    cx = 0;
+  } else if (has_lp) {
+    lp = in.lp[comp];
+    vp = std::clamp<T>(lp + s2, kVarLo, kVarHi);
+    const T inv_vp = T(1) / vp;
+    cm = score ? inv_vp : s2c * inv_vp;
+    cx = score ? -inv_vp : lp * inv_vp;
+  } else {
+    cm = score ? T(1) / vp : T(1);
+    cx = score ? -cm : T(0);
   }
-  for (int64_t b = 0; b < B; ++b) {
-    const T alpha = st.alpha[b];
-    for (int64_t j = 0; j < d; ++j) {
-      T v = acc[b * d + j] * alpha;
-      if (has_m_term) v += S[b * d + j];
-      if (r > 0) v += SU[b * d + j];
-      acc[b * d + j] = v;
+  for (int64_t k = 0; k < r; ++k) {
+    const T lam = in.eig[comp * r + k];
+    const T v = std::clamp<T>(lam + s2, kVarLo, kVarHi);
+    if (full_rank) {
+      g[k] = score ? T(-1) / v : lam / v;
+    } else {
+      g[k] = (lam - lp) / (v * vp);
+      if (!score) g[k] = g[k] * s2c;
     }
   }
 }
 
-// The chunks are split over S = min(threads, chunks) workers, each streaming its own range into its own
-// partial state with single-threaded BLAS (no fork/join per chunk); the S states are merged exactly:
-//   M = max_s m_s,  e_s = exp(m_s - M),  W = sum_s e_s l_s,
-//   D - ctr = (sum_s e_s acc_s + (sum_s e_s a_s)(x - ctr)) / W,   log_z = M + log W.
+// acc = alpha acc + P[:, :C] M + P[:, C:] U_flat^T + chunk_x (x - c_k) + chunk_c (c_k - frame) over the row
+// blocks (the GEMMs into scratch, the rescale fused into the add; VJP block 2 has v in place of x - c_k).
+// Every difference is taken in the chunk's frame: mu_i - x = M_i - (x - c_k) loses eps relative to the
+// chunk, not to the whole data set.
+template <class T>
+void chunk_accumulate(const MixtureData<T>& in, Partial<T>& st, int64_t kc, const T* U, int64_t uj, int64_t uc,
+                      bool has_m_term) {
+  const MixtureArgs& a = *in.a;
+  const int64_t B = a.batch, d = a.dim, r = a.rank, width = kc * (1 + r), rows = in.blocks() * B;
+  T* P = st.p_buf.template mutable_data_ptr<T>();
+  T* M = st.m_buf.template mutable_data_ptr<T>();
+  T* acc = st.acc.template mutable_data_ptr<T>();
+  const T* S = st.step_buf.template const_data_ptr<T>();
+  const T* SU = r > 0 ? st.step_u_buf.template const_data_ptr<T>() : nullptr;
+  if (has_m_term) {
+    mm_out(strided<T>(st.step_buf, const_cast<T*>(S), rows, d, d, 1), strided<T>(st.p_buf, P, rows, kc, width, 1),
+           strided<T>(st.m_buf, M, kc, d, d, 1));
+  }
+  if (r > 0) {
+    mm_out(strided<T>(st.step_u_buf, const_cast<T*>(SU), rows, d, d, 1),
+           strided<T>(st.p_buf, P + kc, rows, kc * r, width, 1), strided<T>(st.acc, const_cast<T*>(U), kc * r, d, uc, uj));
+  }
+  const T* xk = st.xk_buf.template const_data_ptr<T>();
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t b = row % B;
+    const T alpha = st.alpha[b], cx = st.chunk_x[row], cc = st.chunk_c[row];
+    const T* xvec = row >= 2 * B ? in.v + b * d : xk + b * d;
+    for (int64_t j = 0; j < d; ++j) {
+      T v = acc[row * d + j] * alpha + cx * xvec[j];
+      if (has_m_term) v += S[row * d + j];
+      if (r > 0) v += SU[row * d + j];
+      if (cc != T(0)) v += cc * (in.frame ? st.ck[j] - in.frame[b * d + j] : st.ckd_t[j]);
+      acc[row * d + j] = v;
+    }
+  }
+}
+
+// Streams the components [k0, k0 + kc) into the forward state: acc += sum_i p_i [cm_i M_i + cx_i (x - c_k)
+// + (cm_i + cx_i) (c_k - ctr) + U_i (g_i c_i)] (for the score cm + cx = 0: no frame term at all).
+template <class T>
+void forward_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc) {
+  const MixtureArgs& a = *in.a;
+  const int64_t B = a.batch, d = a.dim, r = a.rank, width = kc * (1 + r);
+  const bool full_rank = r == d;
+  Tensor u_flat;
+  const T* U = nullptr;
+  int64_t uj = 0, uc = 0;
+  chunk_frame(in, st, k0, kc, u_flat, U, uj, uc);
+  chunk_weights(in, st, k0, kc);
+  const T* XW = st.xw_buf.template const_data_ptr<T>();
+  T* P = st.p_buf.template mutable_data_ptr<T>();
+  std::vector<T> g(static_cast<size_t>(r));
+  for (int64_t b = 0; b < B; ++b) {
+    T x_coef = 0, c_coef = 0;
+    for (int64_t i = 0; i < kc; ++i) {
+      const T p = static_cast<T>(st.local[b * kc + i]);
+      T cm, cx;
+      component_coefs(in, k0 + i, in.s2[b], in.score, cm, cx, g.data());
+      P[b * width + i] = p * cm;
+      c_coef += p * cm;
+      x_coef += p * cx;
+      for (int64_t k = 0; k < r; ++k) P[b * width + kc + i * r + k] = p * g[k] * XW[b * width + kc + i * r + k];
+    }
+    st.chunk_x[b] = x_coef;
+    st.chunk_c[b] = c_coef + x_coef;
+  }
+  chunk_accumulate(in, st, kc, U, uj, uc, /*has_m_term=*/!(full_rank && in.score));
+}
+
+// Streams the components into the VJP state (docs/math.md section 3.3), three row blocks with
+// beta_i = v.(D_i - F):  [0] sum p beta (D_i - F),  [1] sum p (D_i - F),  [2] sum p A_i v.
+template <class T>
+void vjp_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc) {
+  const MixtureArgs& a = *in.a;
+  const int64_t B = a.batch, r = a.rank, width = kc * (1 + r);
+  Tensor u_flat;
+  const T* U = nullptr;
+  int64_t uj = 0, uc = 0;
+  chunk_frame(in, st, k0, kc, u_flat, U, uj, uc);
+  chunk_weights(in, st, k0, kc);
+  const T* XW = st.xw_buf.template const_data_ptr<T>();
+  const T* VW = st.vw_buf.template const_data_ptr<T>();
+  T* P = st.p_buf.template mutable_data_ptr<T>();
+  std::vector<T> g(static_cast<size_t>(r));
+  for (int64_t b = 0; b < B; ++b) {
+    T* p0 = P + b * width;
+    T* p1 = P + (B + b) * width;
+    T* p2 = P + (2 * B + b) * width;
+    T x0 = 0, x1 = 0, x2 = 0, c0 = 0, c1 = 0;
+    for (int64_t i = 0; i < kc; ++i) {
+      const T p = static_cast<T>(st.local[b * kc + i]);
+      T cm, cx;
+      component_coefs(in, k0 + i, in.s2[b], /*score=*/false, cm, cx, g.data());
+      // D_i - F = cm M_i + cx (x - c_k) + (cm + cx) (c_k - F) + U_i (g c_i); v.(c_k - F) = vck,
+      // v.(x - c_k) = v.(x - F) - vck.
+      double beta = static_cast<double>(cm) * (static_cast<double>(VW[b * width + i]) + st.vck[b]) +
+                    static_cast<double>(cx) * in.vxf[b];  // = cx (v.(x - c_k) + vck)
+      for (int64_t k = 0; k < r; ++k) {
+        beta += static_cast<double>(VW[b * width + kc + i * r + k]) * g[k] * XW[b * width + kc + i * r + k];
+      }
+      const T pb = p * static_cast<T>(beta);
+      p0[i] = pb * cm;
+      p1[i] = p * cm;
+      p2[i] = 0;
+      c0 += pb * cm;
+      c1 += p * cm;
+      x0 += pb * cx;
+      x1 += p * cx;
+      x2 += p * cx;  // A_i v = a_i v + U_i ((b_i - a_i) U_i^T v), a_i = cx_i, b_i - a_i = g_i
+      for (int64_t k = 0; k < r; ++k) {
+        const T gc = g[k] * XW[b * width + kc + i * r + k];
+        p0[kc + i * r + k] = pb * gc;
+        p1[kc + i * r + k] = p * gc;
+        p2[kc + i * r + k] = p * g[k] * VW[b * width + kc + i * r + k];
+      }
+    }
+    st.chunk_x[b] = x0;
+    st.chunk_x[B + b] = x1;
+    st.chunk_x[2 * B + b] = x2;
+    st.chunk_c[b] = c0 + x0;
+    st.chunk_c[B + b] = c1 + x1;
+    st.chunk_c[2 * B + b] = 0;
+  }
+  chunk_accumulate(in, st, kc, U, uj, uc, /*has_m_term=*/true);
+}
+
+// The merged state of all workers: per row the common max and W, and sum_s e_s acc_s.
+template <class T>
+struct Merged {
+  std::vector<double> shift, total;  // [B]
+  std::vector<T> num;                // [blocks B, d]
+};
+
+// Sets up the inputs shared by the forward and the VJP pass.
+template <class T>
+MixtureData<T> mixture_data(const MixtureArgs& a, const Tensor& x, const std::optional<Tensor>& log_weights,
+                            const Tensor& means, const std::optional<Tensor>& bases,
+                            const std::optional<Tensor>& eigvals, const std::optional<Tensor>& lam_perp,
+                            const Tensor& sigma, const std::optional<Tensor>& center) {
+  const int64_t B = a.batch, d = a.dim, r = a.rank;
+  MixtureData<T> in;
+  in.a = &a;
+  in.means = means;  // read in place with its strides (a contiguous copy would be a pass over K d (1 + r))
+  if (bases) in.bases = *bases;
+  in.ctr = center ? to_vector<double>(*center) : mean_of_means(dense(means));
+  // The float64 output frame is rounded to T like the chunk frames, so x - ctr is exact in float64.
+  for (auto& c : in.ctr) c = static_cast<double>(static_cast<T>(c));
+  in.xt = new_tensor<T>({B, d});
+  in.xr.assign(static_cast<size_t>(B * d), 0.0);
+  in.rho.assign(static_cast<size_t>(B), 0.0);
+  T* xt = in.xt.template mutable_data_ptr<T>();
+  visit_float(dense(x), [&](const auto* px) {
+    for (int64_t b = 0; b < B; ++b) {
+      double n = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        xt[b * d + j] = static_cast<T>(px[b * d + j]);
+        const double xr = static_cast<double>(xt[b * d + j]) - in.ctr[j];
+        in.xr[b * d + j] = xr;
+        n += xr * xr;
+      }
+      in.rho[b] = n;
+    }
+  });
+  in.s2 = sigma_rows<T>(sigma, B);
+  for (auto& s : in.s2) s = s * s;
+  if (log_weights) in.lw = to_vector<T>(*log_weights);
+  if (lam_perp) in.lp = to_vector<T>(*lam_perp);
+  if (r > 0) in.eig = to_vector<T>(*eigvals);
+  in.drop_rho = r < d && std::all_of(in.lp.begin(), in.lp.end(), [&](T l) { return l == in.lp[0]; });
+  return in;
+}
+
+// Streams every chunk (forward_chunk or vjp_chunk) and merges the workers' states. The chunks are split
+// over S = min(threads, chunks) workers, each streaming its own range into its own partial state with
+// single-threaded BLAS (no fork/join per chunk); the S states are merged exactly:
+//   M = max_s m_s,  e_s = exp(m_s - M),  W = sum_s e_s l_s,  num = sum_s e_s acc_s.
+template <class T>
+Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
+  const MixtureArgs& a = *in.a;
+  const int64_t B = a.batch, d = a.dim, K = a.n_comp, r = a.rank, nb = in.blocks();
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t chunk = pick_chunk(chunk_size, a, threads);
+  const bool direct = d <= kDirectDim;
+  const int64_t n_chunks = (K + chunk - 1) / chunk;
+  const int64_t n_split = std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
+  const int64_t per_split = (n_chunks + n_split - 1) / n_split;
+  std::vector<Partial<T>> parts(static_cast<size_t>(n_split));
+  const int64_t width = chunk * (1 + r);
+  // Buffers are allocated by the calling thread (the workers only call the GEMMs).
+  for (auto& st : parts) {
+    st.run_max.assign(B, -std::numeric_limits<double>::infinity());
+    st.run_sum.assign(B, 0.0);
+    st.acc = new_tensor<T>({nb * B, d});
+    std::fill_n(st.acc.template mutable_data_ptr<T>(), nb * B * d, T(0));
+    st.m_buf = new_tensor<T>({chunk * d});
+    if (r > 0) st.u_buf = new_tensor<T>({chunk * r * d});
+    st.xk_buf = new_tensor<T>({B * d});
+    st.xw_buf = new_tensor<T>({B * width});
+    if (in.v) st.vw_buf = new_tensor<T>({B * width});
+    st.p_buf = new_tensor<T>({nb * B * width});
+    st.step_buf = new_tensor<T>({nb * B * d});
+    if (r > 0) st.step_u_buf = new_tensor<T>({nb * B * d});
+    st.ck.resize(d);
+    st.ckd_t.resize(d);
+    st.ckd.resize(d);
+    st.t.resize(chunk * r);
+    st.mnorm.resize(chunk);
+    st.local.resize(B * chunk);
+    if (direct) {
+      st.xk_d.resize(B * d);
+      st.m_d.resize(chunk * d);
+    }
+    st.dlt.resize(B);
+    st.vck.resize(B);
+    st.alpha.resize(B);
+    st.chunk_x.resize(nb * B);
+    st.chunk_c.resize(nb * B);
+  }
+  if (B > 0) {
+    torch::stable::parallel_for(0, n_split, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        for (int64_t c = s * per_split, c1 = std::min(n_chunks, (s + 1) * per_split); c < c1; ++c) {
+          const int64_t k0 = c * chunk, kc = std::min(chunk, K - c * chunk);
+          if (in.v) {
+            vjp_chunk(in, parts[s], k0, kc);
+          } else {
+            forward_chunk(in, parts[s], k0, kc);
+          }
+        }
+      }
+    });
+  }
+  Merged<T> mg;
+  mg.shift.assign(B, 0.0);
+  mg.total.assign(B, 0.0);
+  mg.num.assign(nb * B * d, T(0));
+  std::vector<double> e(static_cast<size_t>(n_split));
+  for (int64_t b = 0; b < B; ++b) {
+    double top = -std::numeric_limits<double>::infinity();
+    for (const auto& st : parts) top = std::max(top, st.run_max[b]);
+    const double shift = top == -std::numeric_limits<double>::infinity() ? 0.0 : top;
+    double total = 0;
+    for (int64_t s = 0; s < n_split; ++s) {
+      e[s] = std::exp(parts[s].run_max[b] - shift);  // 0 for a split with no weight
+      total += e[s] * parts[s].run_sum[b];
+    }
+    mg.shift[b] = shift;
+    mg.total[b] = total;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t row = blk * B + b;
+      for (int64_t s = 0; s < n_split; ++s) {
+        const T es = static_cast<T>(e[s]);
+        const T* acc = parts[s].acc.template const_data_ptr<T>() + row * d;
+        for (int64_t j = 0; j < d; ++j) mg.num[row * d + j] += es * acc[j];
+      }
+    }
+  }
+  return mg;
+}
+
 template <class T>
 std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const Tensor& x,
                                                    const std::optional<Tensor>& log_weights, const Tensor& means,
@@ -386,111 +704,88 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
                                                    const std::optional<Tensor>& lam_perp, const Tensor& sigma,
                                                    const std::optional<Tensor>& center, bool score,
                                                    bool return_weights, int64_t chunk_size) {
-  const int64_t B = a.batch, d = a.dim, K = a.n_comp, r = a.rank;
-  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
-  const int64_t chunk = pick_chunk(chunk_size, a, threads);
-  const ScalarType ct = a.ctype;
-
-  MixtureData<T> in;
-  in.a = &a;
+  const int64_t B = a.batch, d = a.dim, K = a.n_comp;
+  MixtureData<T> in = mixture_data<T>(a, x, log_weights, means, bases, eigvals, lam_perp, sigma, center);
   in.score = score;
-  in.means = means;  // read in place with its strides (a contiguous copy would be a pass over K d (1 + r))
-  if (bases) in.bases = *bases;
-  {
-    const std::vector<double> c = center ? to_vector<double>(*center) : mean_of_means(dense(means));
-    in.ctr.assign(c.begin(), c.end());
-  }
-  in.xr = new_tensor<T>({B, d});
-  in.xnorm.assign(static_cast<size_t>(B), T(0));
-  {
-    T* xr = in.xr.template mutable_data_ptr<T>();
-    visit_float(dense(x), [&](const auto* px) {
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t j = 0; j < d; ++j) xr[b * d + j] = static_cast<T>(px[b * d + j]) - in.ctr[j];
-        in.xnorm[b] = dot(xr + b * d, xr + b * d, d);
-      }
-    });
-  }
-  in.s2 = sigma_rows<T>(sigma, B);
-  for (auto& s : in.s2) s = s * s;
-  if (log_weights) in.lw = to_vector<T>(*log_weights);
-  if (lam_perp) in.lp = to_vector<T>(*lam_perp);
-  if (r > 0) in.eig = to_vector<T>(*eigvals);
-  Tensor weights = return_weights ? new_tensor<T>({B, K}) : torch::stable::empty({0}, ct);
-  in.logits = return_weights ? weights.template mutable_data_ptr<T>() : nullptr;
-
-  const int64_t n_chunks = (K + chunk - 1) / chunk;
-  const int64_t n_split = std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks));
-  const int64_t per_split = (n_chunks + n_split - 1) / n_split;
-  std::vector<Partial<T>> parts(static_cast<size_t>(n_split));
-  const int64_t width = chunk * (1 + r);
-  // Buffers are allocated by the calling thread (the workers only call the GEMMs).
-  for (auto& st : parts) {
-    st.run_max.assign(B, -std::numeric_limits<T>::infinity());
-    st.run_sum.assign(B, T(0));
-    st.run_x.assign(B, T(0));
-    st.acc = new_tensor<T>({B, d});
-    std::fill_n(st.acc.template mutable_data_ptr<T>(), B * d, T(0));
-    st.m_buf = new_tensor<T>({chunk * d});
-    if (r > 0) st.u_buf = new_tensor<T>({chunk * r * d});
-    st.xw_buf = new_tensor<T>({B * width});
-    st.p_buf = new_tensor<T>({B * width});
-    st.step_buf = new_tensor<T>({B * d});
-    if (r > 0) st.step_u_buf = new_tensor<T>({B * d});
-    st.mnorm.resize(chunk);
-    st.t.resize(chunk * r);
-    st.logit.resize(chunk);
-    st.alpha.resize(B);
-  }
-  if (B > 0) {
-    torch::stable::parallel_for(0, n_split, 1, [&](int64_t s0, int64_t s1) {
-      for (int64_t s = s0; s < s1; ++s) {
-        for (int64_t c = s * per_split, c1 = std::min(n_chunks, (s + 1) * per_split); c < c1; ++c) {
-          accumulate_chunk(in, parts[s], c * chunk, std::min(chunk, K - c * chunk));
-        }
-      }
-    });
-  }
+  std::vector<double> logits(return_weights ? static_cast<size_t>(B * K) : 0);
+  in.logits = return_weights ? logits.data() : nullptr;
+  const Merged<T> mg = stream_chunks(in, chunk_size);
 
   Tensor out = new_tensor<T>({B, d});
   Tensor log_z = new_tensor<T>({B});
+  Tensor weights = return_weights ? new_tensor<T>({B, K}) : torch::stable::empty({0}, a.ctype);
   T* po = out.template mutable_data_ptr<T>();
   T* pz = log_z.template mutable_data_ptr<T>();
-  const T* xr = in.xr.template const_data_ptr<T>();
-  std::vector<T> e(static_cast<size_t>(n_split));
-  std::vector<const T*> accs;
-  for (const auto& st : parts) accs.push_back(st.acc.template const_data_ptr<T>());
+  T* pw = return_weights ? weights.template mutable_data_ptr<T>() : nullptr;
+  const double vp_shared = in.lp.empty() ? 0.0 : static_cast<double>(in.lp[0]);
   for (int64_t b = 0; b < B; ++b) {
-    T top = -std::numeric_limits<T>::infinity();
-    for (const auto& st : parts) top = std::max(top, st.run_max[b]);
-    const T shift = top == -std::numeric_limits<T>::infinity() ? T(0) : top;
-    T total = 0, x_coef = 0;
-    for (int64_t s = 0; s < n_split; ++s) {
-      e[s] = std::exp(parts[s].run_max[b] - shift);  // 0 for a split with no weight
-      total += e[s] * parts[s].run_sum[b];
-      x_coef += e[s] * parts[s].run_x[b];
-    }
-    const T inv_total = total > 0 ? T(1) / total : T(0);
-    // D - ctr (or the score) = (sum_s e_s acc_s + (sum_s e_s cx_s)(x - ctr)) / W.
+    const double inv_total = mg.total[b] > 0 ? 1.0 / mg.total[b] : 0.0;
+    // D - ctr (or the score) = num / W.
     for (int64_t j = 0; j < d; ++j) {
-      T num = 0;
-      for (int64_t s = 0; s < n_split; ++s) num += e[s] * accs[s][b * d + j];
-      const T centred = (num + x_coef * xr[b * d + j]) * inv_total;
-      po[b * d + j] = score ? centred : centred + in.ctr[j];
+      const double centred = static_cast<double>(mg.num[b * d + j]) * inv_total;
+      po[b * d + j] = static_cast<T>(score ? centred : centred + in.ctr[j]);
     }
-    // log_z = M + log W - d/2 log(2 pi sigma^2) (the row constant is left out of the streamed logits); a
-    // row whose every weight is zero gets W = 0 -> log_z = -inf and D = ctr.
-    pz[b] = (shift + std::log(total)) -
-            T(0.5) * static_cast<T>(d) * (std::log(std::clamp<T>(in.s2[b], kVarLo, kVarHi)) + T(kLog2Pi));
-    // Weights as exp(logit - M) / W, not exp(logit - log_z): M is one of the logits, so the difference is
-    // exact where it matters, while log_z carries an absolute rounding error eps |log_z|.
-    if (in.logits) {
-      for (int64_t k = 0; k < K; ++k) in.logits[b * K + k] = std::exp(in.logits[b * K + k] - shift) * inv_total;
+    // log_z = M + log W - rho / (2 vp) [when left out of the logits] - d/2 log(2 pi sigma^2), in float64;
+    // a row whose every weight is zero gets W = 0 -> log_z = -inf and D = ctr.
+    const double s2c = std::clamp<double>(in.s2[b], kVarLo, kVarHi);
+    const double vp = std::clamp<double>(vp_shared + in.s2[b], kVarLo, kVarHi);
+    pz[b] = static_cast<T>(mg.shift[b] + std::log(mg.total[b]) - (in.drop_rho ? 0.5 * in.rho[b] / vp : 0.0) -
+                           0.5 * static_cast<double>(d) * (std::log(s2c) + kLog2Pi));
+    // Weights as exp(logit - M) / W: M is one of the logits, so the difference is exact where it matters.
+    if (pw) {
+      for (int64_t k = 0; k < K; ++k) pw[b * K + k] = static_cast<T>(std::exp(logits[b * K + k] - mg.shift[b]) * inv_total);
+    }
+  }
+  if (x.scalar_type() != a.ctype) out = torch::stable::to(out, x.scalar_type());
+  if (x.dim() != 2) out = torch::stable::view(out, x.sizes());
+  return {out, log_z, weights};
+}
+
+// J^T v of the denoiser (docs/math.md section 3.3) with E0 = sum w beta (D_i - F), E1 = sum w (D_i - F)
+// = D - F, E2 = sum w A_i v:  J^T v = E2 + (E0 - (v.E1) E1) / sigma^2.
+template <class T>
+Tensor mixture_vjp(const MixtureArgs& a, const Tensor& x, const std::optional<Tensor>& log_weights,
+                   const Tensor& means, const std::optional<Tensor>& bases, const std::optional<Tensor>& eigvals,
+                   const std::optional<Tensor>& lam_perp, const Tensor& sigma, const Tensor& frame, const Tensor& v,
+                   const std::optional<Tensor>& center, int64_t chunk_size) {
+  const int64_t B = a.batch, d = a.dim;
+  MixtureData<T> in = mixture_data<T>(a, x, log_weights, means, bases, eigvals, lam_perp, sigma, center);
+  const ScalarType ct = a.ctype;
+  const Tensor f = torch::stable::to(dense(frame), ct);
+  const Tensor vt = torch::stable::to(dense(v), ct);
+  const Tensor f2 = dense(f), v2 = dense(vt);
+  in.frame = f2.template const_data_ptr<T>();
+  in.v = v2.template const_data_ptr<T>();
+  in.vxf.assign(static_cast<size_t>(B), 0.0);
+  const T* xt = in.xt.template const_data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      s += static_cast<double>(in.v[b * d + j]) * (static_cast<double>(xt[b * d + j]) - in.frame[b * d + j]);
+    }
+    in.vxf[b] = s;
+  }
+  const Merged<T> mg = stream_chunks(in, chunk_size);
+  Tensor out = new_tensor<T>({B, d});
+  T* po = out.template mutable_data_ptr<T>();
+  std::vector<double> e0(d), e1(d);
+  for (int64_t b = 0; b < B; ++b) {
+    const double inv_total = mg.total[b] > 0 ? 1.0 / mg.total[b] : 0.0;
+    const double inv_s2 = 1.0 / std::clamp<double>(in.s2[b], kVarLo, kVarHi);
+    double ve1 = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      e0[j] = mg.num[b * d + j] * inv_total;
+      e1[j] = mg.num[(B + b) * d + j] * inv_total;
+      ve1 += static_cast<double>(in.v[b * d + j]) * e1[j];
+    }
+    for (int64_t j = 0; j < d; ++j) {
+      const double e2 = mg.num[(2 * B + b) * d + j] * inv_total;
+      po[b * d + j] = static_cast<T>(e2 + (e0[j] - ve1 * e1[j]) * inv_s2);
     }
   }
   if (x.scalar_type() != ct) out = torch::stable::to(out, x.scalar_type());
   if (x.dim() != 2) out = torch::stable::view(out, x.sizes());
-  return {out, log_z, weights};
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> mixture_forward_cpu(const Tensor& x, const std::optional<Tensor>& log_weights,
@@ -525,11 +820,51 @@ std::tuple<Tensor, Tensor> delta_mixture_forward_cpu(Tensor x, Tensor points, st
   return {out, log_z};
 }
 
+void check_like_x(const Tensor& t, const Tensor& x, const char* name) {
+  check_float(t, name);
+  check_same_device(t, x, name);
+  GSA_CHECK(t.dim() == x.dim() && t.numel() == x.numel() && t.size(0) == x.size(0), name,
+            " must have the shape of x ", shape_of(x), ", got ", shape_of(t));
+  for (int64_t i = 0; i < x.dim(); ++i) {
+    GSA_CHECK(t.size(i) == x.size(i), name, " must have the shape of x ", shape_of(x), ", got ", shape_of(t));
+  }
+}
+
+Tensor mixture_vjp_cpu(const Tensor& x, const std::optional<Tensor>& log_weights, const Tensor& means,
+                       const char* means_name, const std::optional<Tensor>& bases,
+                       const std::optional<Tensor>& eigvals, const std::optional<Tensor>& lam_perp,
+                       const Tensor& sigma, const Tensor& frame, const Tensor& v,
+                       const std::optional<Tensor>& center, int64_t chunk_size) {
+  const auto a = check_mixture(x, log_weights, means, means_name, bases, eigvals, lam_perp, sigma, center, chunk_size);
+  check_like_x(frame, x, "frame");
+  check_like_x(v, x, "v");
+  return a.ctype == ScalarType::Double
+             ? mixture_vjp<double>(a, x, log_weights, means, bases, eigvals, lam_perp, sigma, frame, v, center,
+                                   chunk_size)
+             : mixture_vjp<float>(a, x, log_weights, means, bases, eigvals, lam_perp, sigma, frame, v, center,
+                                  chunk_size);
+}
+
+Tensor gmm_vjp_cpu(Tensor x, Tensor log_weights, Tensor means, std::optional<Tensor> bases,
+                   std::optional<Tensor> eigvals, std::optional<Tensor> lam_perp, Tensor sigma, Tensor frame, Tensor v,
+                   std::optional<Tensor> center, int64_t chunk_size) {
+  return mixture_vjp_cpu(x, log_weights, means, "means", bases, eigvals, lam_perp, sigma, frame, v, center,
+                         chunk_size);
+}
+
+Tensor delta_mixture_vjp_cpu(Tensor x, Tensor points, std::optional<Tensor> log_weights, Tensor sigma, Tensor frame,
+                             Tensor v, std::optional<Tensor> center, int64_t chunk_size) {
+  return mixture_vjp_cpu(x, log_weights, points, "points", std::nullopt, std::nullopt, std::nullopt, sigma, frame, v,
+                         center, chunk_size);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(gsa, CPU, m) {
   m.impl("gmm_forward", TORCH_BOX(&gmm_forward_cpu));
   m.impl("delta_mixture_forward", TORCH_BOX(&delta_mixture_forward_cpu));
+  m.impl("gmm_vjp", TORCH_BOX(&gmm_vjp_cpu));
+  m.impl("delta_mixture_vjp", TORCH_BOX(&delta_mixture_vjp_cpu));
 }
 
 }  // namespace gsa

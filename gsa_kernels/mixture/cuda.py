@@ -9,7 +9,7 @@ import torch
 from .. import config
 from .._core.cache import cached
 from .._validation import check_finite, check_nonneg, values_readable
-from . import meta
+from . import meta, vjp_torch
 from .ops import check_log_weights, mean_of_rows
 
 try:  # Triton is optional on CPU-only installs.
@@ -88,3 +88,20 @@ def delta_mixture_forward_cuda(x, points, log_weights, sigma, center=None, score
 
 torch.library.register_kernel("gsa::gmm_forward", "cuda")(gmm_forward_cuda)
 torch.library.register_kernel("gsa::delta_mixture_forward", "cuda")(delta_mixture_forward_cuda)
+
+
+# The VJP ops on CUDA: the chunked PyTorch pass of vjp_torch.py (memory flat in K; no Triton kernel yet).
+def gmm_vjp_cuda(x, log_weights, means, bases, eigvals, lam_perp, sigma, frame, v, center=None, chunk_size=0):
+    meta.check_mixture(x, log_weights, means, bases, eigvals, lam_perp, sigma, center)
+    meta.check_vjp_operands(x, frame, v)
+    return vjp_torch.mixture_vjp(x, log_weights, means, bases, eigvals, lam_perp, sigma, frame, v)
+
+
+def delta_mixture_vjp_cuda(x, points, log_weights, sigma, frame, v, center=None, chunk_size=0):
+    meta.check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
+    meta.check_vjp_operands(x, frame, v)
+    return vjp_torch.mixture_vjp(x, log_weights, points, None, None, None, sigma, frame, v)
+
+
+torch.library.register_kernel("gsa::gmm_vjp", "cuda")(gmm_vjp_cuda)
+torch.library.register_kernel("gsa::delta_mixture_vjp", "cuda")(delta_mixture_vjp_cuda)

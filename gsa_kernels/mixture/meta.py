@@ -84,3 +84,25 @@ def _gmm_fake(x, log_weights, means, bases, eigvals, lam_perp, sigma, center=Non
 def _delta_fake(x, points, log_weights, sigma, center=None, score=False, chunk_size=0):
     B, _, _, _ = check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
     return x.new_empty(x.shape), x.new_empty((B,), dtype=compute_dtype(x, log_weights, points))
+
+
+def check_vjp_operands(x, frame, v) -> None:
+    """frame and v of the VJP ops: shaped like x, float, on x's device."""
+    for name, t in (("frame", frame), ("v", v)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=x.device)
+        if tuple(t.shape) != tuple(x.shape):
+            raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+@torch.library.register_fake("gsa::gmm_vjp")
+def _gmm_vjp_fake(x, log_weights, means, bases, eigvals, lam_perp, sigma, frame, v, center=None, chunk_size=0):
+    check_mixture(x, log_weights, means, bases, eigvals, lam_perp, sigma, center)
+    check_vjp_operands(x, frame, v)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("gsa::delta_mixture_vjp")
+def _delta_vjp_fake(x, points, log_weights, sigma, frame, v, center=None, chunk_size=0):
+    check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
+    check_vjp_operands(x, frame, v)
+    return x.new_empty(x.shape)

@@ -8,8 +8,9 @@ out is the denoiser D(x; sigma) (or the score when score=True) shaped like x and
 log_z [B] = logsumexp_i(log_weights_i + log N_i(x)) with the log-weights as given (unnormalized, so shards
 merge exactly); weights [B, K] are the posterior weights (empty unless return_weights). log_z and weights
 are in the compute dtype (_core/dtypes.py). The CPU kernel is C++; the CUDA kernel is Triton
-(cuda.py, triton_mixture.py); meta.py checks the arguments of both the fake and the CUDA kernels. No
-autograd yet: the ops are forward-only, and their registered backward says so (_forward_only below).
+(cuda.py, triton_mixture.py); meta.py checks the arguments of both the fake and the CUDA kernels.
+Differentiable with respect to x (autograd.py: a second streaming pass, gsa::gmm_vjp /
+gsa::delta_mixture_vjp).
 
 The raw ops check their own arguments; their errors reach the caller as TypeError / ValueError naming the
 argument (_core/errors.py). Values of GPU tensors are read only on request (check_values=True, or
@@ -24,6 +25,7 @@ import torch
 
 from .. import _library
 from .._core.cache import cached
+from . import autograd as _autograd  # noqa: F401  (registers the backward of the ops)
 from .._core.dtypes import compute_dtype
 from .._core.errors import call_op
 from .._validation import check_nonneg, sigma_arg, values_readable
@@ -31,21 +33,6 @@ from .._validation import check_nonneg, sigma_arg, values_readable
 _library.load_library()
 
 _ROWS_PER_STEP = 1 << 15
-
-
-def _forward_only(op: str):
-    """Autograd registration of a forward-only op: outputs of an input that requires grad take part in
-    autograd, and a backward through them raises NotImplementedError naming the op (without it the
-    dispatcher's fallback fails later with an unrelated message). A real backward registers over it."""
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"gsa::{op} is not differentiable yet (the mixture ops are forward-only); "
-                                  f"pass x.detach() to use its outputs as constants")
-
-    torch.library.register_autograd(f"gsa::{op}", backward, setup_context=lambda ctx, inputs, output: None)
-
-
-for _op in ("gmm_forward", "delta_mixture_forward"):
-    _forward_only(_op)
 
 
 class MixtureOutput(NamedTuple):

@@ -198,7 +198,7 @@ def _check_sharded(rank, dtype):
     k_shard = slice(0, 4) if rank == 0 else slice(4, 9)
     gmm_full = gsa_kernels.GMM(*params)
     gmm_shard = ShardedMixture(gsa_kernels.GMM(*[t[k_shard] for t in params]))
-    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    tol = 1e-12 if dtype == torch.float64 else 3e-6  # float32: each side is ~1e-6 from float64 (score at sigma = 0.002)
     sigma = torch.tensor([0.002, 0.1, 1.0, 80.0], dtype=dtype)
     x = queries(pts.double(), 4, sigma.double()).to(dtype)
     xg = queries(params[1].double(), 4, 0.5 + sigma.double()).to(dtype)
