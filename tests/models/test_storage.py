@@ -59,10 +59,14 @@ def test_streamed_equals_in_memory(tmp_path, dtype, source):
         x = queries(pts, 6, s)
         a, b = streamed(x, s), in_memory(x, s)
         assert rel_err(a.out, b.out) < 1e-6, (s, rel_err(a.out, b.out))
-        assert rel_err(a.log_prob, b.log_prob) < 1e-6
-        # The score is D - x over sigma^2: where D and x nearly cancel its float32 rounding, relative to
-        # its own norm, is a few times D's, so the two float32 paths agree to a few 1e-6.
-        assert rel_err(streamed.score(x, s), in_memory.score(x, s)) < 3e-6
+        # log p and the score in float32: each path evaluates its chunks in their own frames, so the two
+        # float32 results round differently where the op's float32 accuracy is least (small sigma); the
+        # streamed result must be as accurate as the in-memory one, measured against float64.
+        exact = gsa_kernels.DeltaMixture(pts.double(), lw.double())
+        xd = x.double()
+        assert rel_err(a.log_prob, exact.log_prob(xd, s)) <= 2 * rel_err(b.log_prob, exact.log_prob(xd, s)) + 1e-6
+        ref_score = exact.score(xd, s)
+        assert rel_err(streamed.score(x, s), ref_score) <= 2 * rel_err(in_memory.score(x, s), ref_score) + 3e-6
 
 
 def test_prefetch_and_uniform_weights_and_float64(tmp_path):
@@ -75,7 +79,7 @@ def test_prefetch_and_uniform_weights_and_float64(tmp_path):
         for s in SIGMAS:
             x = queries(pts, 4, s).double()
             assert rel_err(m.denoise(x, s), ref.denoise(x, s)) < 1e-12
-            assert rel_err(m.log_prob(x, s), ref.log_prob(x, s)) < 1e-12
+            assert rel_err(m.log_prob(x, s), ref.log_prob(x, s)) < 1e-10  # chunk frames: ~eps ||x|| ||p|| / sigma^2
 
 
 def test_bad_inputs(tmp_path):
