@@ -1,4 +1,4 @@
-"""Gaussian ops (MATH.md 2.1): teleport, denoise, score.
+"""Gaussian ops (docs/math.md section 2.1): teleport, denoise, score.
 
 Backends: the package op (GaussianModel methods), the float32 eager reference
 (gsa_kernels.gaussian.reference), torch.compile of it, the papers'-reference-code style (a dense d x d
@@ -16,7 +16,7 @@ from .common import Case, RunOptions, free_memory_bytes, nbytes, standard_backen
 FAMILY = "gaussian"
 OPS = ("teleport", "denoise", "score")
 
-# (d, r) configurations and batch sizes per shape set. "full" is the issue's GPU set: 32x32x3 full rank,
+# (d, r) configurations and batch sizes per shape set. "full" is the GPU set: 32x32x3 full rank,
 # 64x64x3 full rank and r = 1024, a 4x64x64 latent full rank, 256x256x3 with r = 1024.
 SHAPES = {
     "full": {"configs": [(3072, 3072), (12288, 12288), (12288, 1024), (16384, 16384), (196608, 1024)],

@@ -1,4 +1,4 @@
-"""Mixture ops (MATH.md 3): the GMM denoiser and the training-set (delta mixture) denoiser.
+"""Mixture ops (docs/math.md section 3): the GMM denoiser and the training-set (delta mixture) denoiser.
 
 Backends: the package op (gsa_kernels.GMM(...).denoise, gsa_kernels.DeltaMixture(points).denoise), the
 float32 eager reference (gsa_kernels.mixture.reference, which materializes [B, K, d]), torch.compile of
@@ -125,7 +125,7 @@ def _spread(d: int) -> float:
     """Per-coordinate spread of the component means / training points: 2 / sqrt(d) keeps squared distances
     between them near 8 at every d, so at sigma ~ 1 the posterior weights are soft (a one-hot posterior
     would make every backend exact and the error column uninformative). With the mean offset 0.5, ||x||^2
-    is far above the distances: the cancellation-prone regime of MATH.md 3.1."""
+    is far above the distances: the cancellation-prone regime of docs/math.md section 3.1."""
     return 2.0 / math.sqrt(d)
 
 

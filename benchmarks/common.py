@@ -34,7 +34,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BACKEND_KINDS = ("gsa", "eager", "compile", "papers", "matmuls")
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
-# Shape sets: "full" is the GPU set, "quick" a CPU set that runs in a few minutes on 2 cores,
+# Shape sets: "full" is the GPU set, "quick" a CPU set that runs in a few minutes on 2 cores,
 # "tiny" the smoke-test set (seconds).
 SHAPE_SETS = ("tiny", "quick", "full")
 
@@ -597,7 +597,7 @@ def _measure(row, be, case, xs, ref, opts):
     peak, note = peak_extra_bytes(lambda: be.fn(xs[0]), device)
     row["peak_extra_bytes"], row["mem_note"] = peak, note
     if peak is not None:
-        # The memory target: (inputs + peak extra) / (inputs + outputs).
+        # The memory target: (inputs + peak extra) / (inputs + outputs).
         row["mem_vs_io"] = (case.in_bytes + peak) / (case.in_bytes + case.out_bytes)
     timing = time_call(cycling(be.fn, xs), device, opts.min_time)
     row.update(median_s=timing.median_s, iqr_s=timing.iqr_s, runs=timing.runs, timer=timing.method)
@@ -748,7 +748,7 @@ def markdown(payload: dict) -> str:
     ]
     if env["device_type"] == "cpu":
         lines += ["**CPU numbers** (small `--shapes " + payload["options"]["shape_set"] + "` set). "
-                  "GPU results are pending a GPU session; nothing here is a GPU figure.", ""]
+                  "No GPU results yet; nothing here is a GPU figure.", ""]
     lines += [
         "| | |", "|---|---|",
         f"| device | {env['device']} |",

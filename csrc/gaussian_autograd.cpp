@@ -1,5 +1,5 @@
 // Autograd of the Gaussian ops with respect to x, in C++ so a call pays no Python autograd dispatch.
-// Each map is affine in x with a symmetric linear part L_f (MATH.md 2.1), so the vector-Jacobian
+// Each map is affine in x with a symmetric linear part L_f (docs/math.md section 2.1), so the vector-Jacobian
 // product is the same op applied to the cotangent with mean = 0: denoise/teleport give 0 + L_f(g),
 // score gives L_f(g). project: grad_x = grad_c U^T. The backward calls the ops through the
 // dispatcher, so it runs on whatever device kernel (C++ or Triton) the forward used.

@@ -1,4 +1,4 @@
-// CPU kernels of the Gaussian ops (MATH.md 2.1): project, scale per mode, project back.
+// CPU kernels of the Gaussian ops (docs/math.md section 2.1): project, scale per mode, project back.
 //   c = U^T (x - mu),  out = [mu] + f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) c]
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -51,7 +51,7 @@ GaussianArgs check_gaussian(const at::Tensor& x, const at::Tensor& mean, const a
   return {batch, dim, rank, ctype};
 }
 
-// Per-mode factors f(lam) [B, r] and f(lam_perp) [B, 1] of MATH.md 2.1.
+// Per-mode factors f(lam) [B, r] and f(lam_perp) [B, 1] of docs/math.md section 2.1.
 std::pair<at::Tensor, at::Tensor> mode_factors(GaussianMap map, const at::Tensor& lam,
                                                const at::Tensor& lam_perp, const at::Tensor& s_a,
                                                const at::Tensor& s_b) {

@@ -1,4 +1,4 @@
-// CPU kernels of the mixture ops (MATH.md section 3): GMM and delta-mixture (training-set)
+// CPU kernels of the mixture ops (docs/math.md section 3): GMM and delta-mixture (training-set)
 // denoisers/scores with a streaming log-sum-exp over chunks of components.
 //
 // Per chunk of C components the kernel forms, in the compute dtype (float64 if any input is float64,
@@ -7,7 +7,7 @@
 //   q      = ||x - ctr||^2 - 2 (x - ctr) M^T + ||M||^2       [B, C]  squared distances by a *centred*
 //                                                                      expansion (one GEMM)
 //   c      = (x - ctr) U_flat - U^T M              [B, C, r]   (c_i = U_i^T (x - mu_i), one GEMM)
-// then the logits log pi_i + log N_i (MATH.md 3), the online log-sum-exp update of the running max m,
+// then the logits log pi_i + log N_i (docs/math.md section 3), the online log-sum-exp update of the running max m,
 // the rescaled sum W and the sum of p_i cx_i, and two GEMMs into the [B, d] accumulator:
 //   acc = alpha acc + (p cm) M + (p g c) U_flat^T
 // with per-component coefficients of D_i - ctr, or of the score, chosen so that neither is formed from
@@ -19,7 +19,7 @@
 // posterior weights [B, K] when asked for).
 //
 // Why centre: the expansion ||x||^2 - 2 x.mu + ||mu||^2 loses about eps (||x||^2 + ||mu||^2) in
-// absolute terms (MATH.md 3.1), which is divided by 2 sigma^2. With ctr = mean of the components that
+// absolute terms (docs/math.md section 3.1), which is divided by 2 sigma^2. With ctr = mean of the components that
 // becomes eps (||x - ctr||^2 + ||mu - ctr||^2): for data far from the origin relative to its spread
 // (points = 10 + 0.05 randn) that is 4e4 times smaller. The score's terms mu_i - x are formed in the
 // same frame, (mu_i - ctr) - (x - ctr), so their cancellation is also relative to the spread, not ||x||.
@@ -238,7 +238,7 @@ void stream_chunks(const MixtureArgs& a, const MixtureData& in, const at::Tensor
     acc.mul_(alpha.unsqueeze(1));
     run_x.mul_(alpha);
     // Each component adds p_i [cm_i (mu_i - ctr) + cx_i (x - ctr) + U_i (g_i * c_i)] to the state, with
-    // the coefficients of D_i - ctr (denoiser) or of the score term (MATH.md 3 rearranged so that no
+    // the coefficients of D_i - ctr (denoiser) or of the score term (docs/math.md section 3 rearranged so that no
     // factor is a difference of nearly equal numbers; vp = lam_perp + s^2, v = lam + s^2, clamped):
     //              cm_i            cx_i               g_ik
     //   denoiser:  s^2 / vp_i      lam_perp_i / vp_i  s^2 (lam_ik - lam_perp_i) / (v_ik vp_i)   (= 1-a, a, b-a)

@@ -4,12 +4,12 @@
 
 TORCH_LIBRARY(gsa, m) {
   // Gaussian model G = (mean [d], basis U [d, r], eigvals [r], lam_perp []); x is [B, ...] with
-  // prod(...) = d. sigma tensors are [] or [B]. See MATH.md section 2.
+  // prod(...) = d. sigma tensors are [] or [B]. See docs/math.md section 2.
   m.def("project(Tensor x, Tensor mean, Tensor basis) -> Tensor");
   m.def("gaussian_denoise(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma) -> Tensor");
   m.def("gaussian_score(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma) -> Tensor");
   m.def("teleport(Tensor x, Tensor mean, Tensor basis, Tensor eigvals, Tensor lam_perp, Tensor sigma_from, Tensor sigma_to) -> Tensor");
-  // Mixtures (MATH.md 3): components log_weights [K] (as given, unnormalized), means/points [K, d],
+  // Mixtures (docs/math.md section 3): components log_weights [K] (as given, unnormalized), means/points [K, d],
   // optional bases [K, d, r] + eigvals [K, r] (None: r = 0) and lam_perp [K] (None: 0). Returns
   // (denoiser, or score if score=True, shaped like x; log_z [B] = logsumexp_i(log_weights_i + log N_i);
   // posterior weights [B, K] if return_weights else an empty tensor). center [d] is the reference

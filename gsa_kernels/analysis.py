@@ -1,4 +1,4 @@
-"""Analysis tools of the Gaussian-score papers (MATH.md section 5), for any denoiser.
+"""Analysis tools of the Gaussian-score papers (docs/math.md section 5), for any denoiser.
 
 A *denoiser* here is either a callable ``D(x, sigma) -> x0_hat`` (x: [B, ...], sigma: a [B] tensor; a
 trained network, or ``sampling``'s convention) or an object with a ``.denoise(x, sigma)`` method
@@ -238,7 +238,7 @@ def record_trajectory(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, *, me
 @torch.no_grad()
 def gaussian_trajectory(gaussian, noise: torch.Tensor, sigmas: torch.Tensor) -> Trajectory:
     """The exact PF-ODE trajectory of a Gaussian model from x = sigmas[0] * noise, in closed form at each
-    sigma (teleport), with its denoising trajectory (MATH.md 2.2)."""
+    sigma (teleport), with its denoising trajectory (docs/math.md section 2.2)."""
     check_tensor("noise", noise)
     levels = [float(s) for s in sigmas.tolist()]
     if len(levels) < 2 or levels[-1] != 0.0 or any(a <= b for a, b in zip(levels, levels[1:])):

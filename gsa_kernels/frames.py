@@ -1,4 +1,4 @@
-"""Noise frames (MATH.md section 1). Every op works in the VE/EDM frame x = x0 + sigma * eps; a frame
+"""Noise frames (docs/math.md section 1). Every op works in the VE/EDM frame x = x0 + sigma * eps; a frame
 is a map (scale s, noise level sigma) with x_frame = s * x_ve.
 
 | frame | parameter           | sigma                      | scale s         |

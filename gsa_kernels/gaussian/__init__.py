@@ -1,4 +1,4 @@
-"""The Gaussian data model and its closed-form ops (MATH.md section 2)."""
+"""The Gaussian data model and its closed-form ops (docs/math.md section 2)."""
 from . import reference
 from .ops import gaussian_denoise, gaussian_score, project, teleport
 

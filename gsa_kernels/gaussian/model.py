@@ -1,4 +1,4 @@
-"""GaussianModel: the Gaussian data model G = (mu, U, lam, lam_perp) as an nn.Module (MATH.md section 2)."""
+"""GaussianModel: the Gaussian data model G = (mu, U, lam, lam_perp) as an nn.Module (docs/math.md section 2)."""
 from __future__ import annotations
 
 import torch
@@ -75,14 +75,14 @@ class GaussianModel(nn.Module):
         return ops.teleport(x, *self._args(), sigma_from, sigma_to, check_values=False)
 
     def teleport_frame(self, x: torch.Tensor, frm, to, frame: str = "vp") -> torch.Tensor:
-        """Teleport a sample given in another frame (MATH.md section 1): `frm`/`to` are alpha_bar for
+        """Teleport a sample given in another frame (docs/math.md section 1): `frm`/`to` are alpha_bar for
         frame="vp" (DDPM/DDIM latents), t for frame="flow" (rectified flow), sigma for "ve"."""
         s0, a0 = frames.frame_sigma_and_scale(frame, frm)
         s1, a1 = frames.frame_sigma_and_scale(frame, to)
         return frames.from_ve(self.teleport(frames.to_ve(x, a0), s0, s1), a1)
 
     def denoise_along_teleport(self, x: torch.Tensor, sigma_from, sigma) -> torch.Tensor:
-        """MATH.md 2.2: the denoised estimate D(x(sigma); sigma) on the analytic trajectory from x at sigma_from."""
+        """docs/math.md section 2.2: the denoised estimate D(x(sigma); sigma) on the analytic trajectory from x at sigma_from."""
         return self.denoise(self.teleport(x, sigma_from, sigma), sigma)
 
     def log_prob(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -116,7 +116,7 @@ class GaussianModel(nn.Module):
 
         data: a tensor [N, ...] or an iterable of such batches (a DataLoader yielding tensors or
         (tensor, label) tuples). Moments are accumulated in float64 and centred per batch, then merged
-        (Chan et al.), so float32 cancellation never eats the small-eigenvalue tail (MATH.md 3.1).
+        (Chan et al.), so float32 cancellation never eats the small-eigenvalue tail (docs/math.md section 3.1).
         rank: keep the top `rank` modes; lam_perp is then the mean of the discarded eigenvalues.
         The covariance is the unbiased one (divides by N - 1).
         """

@@ -146,14 +146,14 @@ def project(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.T
 # check_values=False is for callers whose parameters were validated already (GaussianModel checks its
 # buffers once, at construction and on load_state_dict), which keeps the B = 1 host overhead small.
 def gaussian_denoise(x, mean, basis, eigvals, lam_perp, sigma, *, check_values: bool = True) -> torch.Tensor:
-    """Gaussian posterior mean D(x; sigma) = E[x0 | x] (MATH.md 2.1)."""
+    """Gaussian posterior mean D(x; sigma) = E[x0 | x] (docs/math.md section 2.1)."""
     lam_perp = _params(x, mean, basis, eigvals, lam_perp, check_values)
     s = as_sigma("sigma", sigma, x.shape[0], x.device, dtype=_compute_dtype(x, mean))
     return torch.ops.gsa.gaussian_denoise(x, mean, basis, eigvals, lam_perp, s)
 
 
 def gaussian_score(x, mean, basis, eigvals, lam_perp, sigma, *, check_values: bool = True) -> torch.Tensor:
-    """Score grad_x log p_sigma(x) of the noised Gaussian (MATH.md 2.1)."""
+    """Score grad_x log p_sigma(x) of the noised Gaussian (docs/math.md section 2.1)."""
     lam_perp = _params(x, mean, basis, eigvals, lam_perp, check_values)
     s = as_sigma("sigma", sigma, x.shape[0], x.device, dtype=_compute_dtype(x, mean))
     return torch.ops.gsa.gaussian_score(x, mean, basis, eigvals, lam_perp, s)

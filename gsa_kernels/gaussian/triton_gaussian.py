@@ -1,4 +1,4 @@
-"""Triton kernels of the Gaussian ops (MATH.md 2.1), as two fused GEMMs:
+"""Triton kernels of the Gaussian ops (docs/math.md section 2.1), as two fused GEMMs:
 
   1. project-and-scale:  G[b, k] = (f_b(lam_k) - f_b(lam_perp)) * sum_j (x[b, j] - mu[j]) U[j, k]
      (centring is fused into the operand load, the per-mode factor into the epilogue);
@@ -22,7 +22,7 @@ PROJECT, DENOISE, SCORE, TELEPORT = 0, 1, 2, 3
 
 @triton.jit
 def _mode_factor(lam, s_a, s_b, MAP: tl.constexpr):
-    # f(l) of MATH.md 2.1 for the map; s_a is sigma (or sigma_from), s_b is sigma_to.
+    # f(l) of docs/math.md section 2.1 for the map; s_a is sigma (or sigma_from), s_b is sigma_to.
     if MAP == 1:
         return lam / (lam + s_a * s_a)
     elif MAP == 2:

@@ -1,6 +1,6 @@
-"""Teleported starts for diffusers schedulers and pipelines (MATH.md sections 1 and 4).
+"""Teleported starts for diffusers schedulers and pipelines (docs/math.md sections 1 and 4).
 
-A diffusers scheduler keeps its sample in one of three frames (MATH.md section 1):
+A diffusers scheduler keeps its sample in one of three frames (docs/math.md section 1):
 
 | frame | schedulers | sample at step i | VE noise level |
 |---|---|---|---|

@@ -1,4 +1,4 @@
-"""Gaussian mixtures and the training-set (delta mixture) score (MATH.md section 3)."""
+"""Gaussian mixtures and the training-set (delta mixture) score (docs/math.md section 3)."""
 from . import reference
 from .model import GMM, DeltaMixture
 from .ops import (

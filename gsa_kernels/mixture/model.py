@@ -1,4 +1,4 @@
-"""GMM and DeltaMixture: Gaussian mixtures and the training set as nn.Modules (MATH.md section 3).
+"""GMM and DeltaMixture: Gaussian mixtures and the training set as nn.Modules (docs/math.md section 3).
 
 Both take x of shape [B, ...] (prod(...) = d) and sigma as a number or a [B] tensor, and offer
 .denoise, .score, .log_prob, .posterior (GMM) and .forward (everything in one pass). Parameters are
@@ -130,7 +130,7 @@ class GMM(_Mixture):
                                          self.center if center is None else center, score, return_weights)
 
     def posterior(self, x, sigma) -> torch.Tensor:
-        """Posterior component probabilities w [B, K] (MATH.md 3)."""
+        """Posterior component probabilities w [B, K] (docs/math.md section 3)."""
         return self.partial(x, sigma, return_weights=True)[2]
 
     @classmethod
@@ -174,7 +174,7 @@ class GMM(_Mixture):
 
 
 class DeltaMixture(_Mixture):
-    """The training set as a mixture of deltas (MATH.md 3): points [N, ...] (float32/float64, or
+    """The training set as a mixture of deltas (docs/math.md section 3): points [N, ...] (float32/float64, or
     float16/bfloat16 storage to halve memory; accumulation is float32) and optional log-weights [N]
     (None: uniform). Its denoiser is the exact optimal denoiser of the empirical distribution."""
 

@@ -197,7 +197,7 @@ def gmm_forward(x, log_weights, means, bases=None, eigvals=None, lam_perp=None, 
 
 
 def gmm_denoise(x, log_weights, means, bases, eigvals, lam_perp, sigma) -> torch.Tensor:
-    """GMM posterior mean D(x; sigma) = E[x0 | x] (MATH.md 3)."""
+    """GMM posterior mean D(x; sigma) = E[x0 | x] (docs/math.md section 3)."""
     return gmm_forward(x, log_weights, means, bases, eigvals, lam_perp, sigma).out
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the mixture ops (MATH.md section 3): streaming log-sum-exp over points/components.
+"""Triton kernels of the mixture ops (docs/math.md section 3): streaming log-sum-exp over points/components.
 
 Two kernels, both "split-K over components + online softmax" (flash-decoding style):
 
@@ -31,7 +31,7 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
   score as (D - x) / sigma^2 (cancels at small sigma). Optionally the logits are stored [B, K] for the
   posterior weights.
 
-Numerics (MATH.md 3.1): x and the points are centred on ``ctr`` (the mean of the points) inside the
+Numerics (docs/math.md section 3.1): x and the points are centred on ``ctr`` (the mean of the points) inside the
 operand loads, so the expansion loses eps (||x - ctr||^2 + ||x_i - ctr||^2) rather than
 eps (||x||^2 + ||x_i||^2) before the division by 2 sigma^2; the score's differences mu_i - x are
 formed as (mu_i - ctr) - (x - ctr), so their cancellation is relative to the spread of the data,
@@ -194,7 +194,7 @@ def _gmm_partial_kernel(
             mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
             xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
             q += tl.sum(xc * xc, axis=1)
-        # log N_k (MATH.md 3) with clamped variances (s2 is clamped to [FLT_MIN, FLT_MAX] by the launcher);
+        # log N_k (docs/math.md section 3) with clamped variances (s2 is clamped to [FLT_MIN, FLT_MAX] by the launcher);
         # log det C_k(sigma) is taken relative to sigma^2 I (log1p(lam / s^2)), so the logits stay O(1) at
         # large sigma; the row constant -d/2 log(2 pi sigma^2) is added in the epilogue.
         if HAS_LP:

@@ -1,7 +1,7 @@
 """Adapters: networks of other parameterisations as denoisers denoiser(x_ve, sigma) -> x0_hat.
 
 - `VPDenoiser` wraps a discrete-time VP network (DDPM/DDIM/Stable Diffusion; e.g. a diffusers UNet2DModel,
-  called as unet(x_vp, t).sample) predicting eps, v or x0. With abar = 1 / (1 + sigma^2) (MATH.md 1):
+  called as unet(x_vp, t).sample) predicting eps, v or x0. With abar = 1 / (1 + sigma^2) (docs/math.md section 1):
   x_vp = sqrt(abar) x_ve, the timestep t is interpolated from sigma on the training schedule, and
       eps:  x0 = x_ve - sigma * eps
       v:    x0 = sqrt(abar) x_vp - sqrt(1 - abar) v

@@ -115,8 +115,8 @@ def to_markdown(t: ErrorTable) -> str:
 DOC_TEMPLATE = """# Sampling with analytical teleportation
 
 `gsa_kernels.sampling` runs the usual diffusion samplers on the k-diffusion convention
-`denoiser(x, sigma) -> x0_hat` (VE frame, MATH.md section 1) and can skip their first steps by
-teleporting the initial noise with the closed-form PF-ODE solution of a Gaussian model (MATH.md section 4).
+`denoiser(x, sigma) -> x0_hat` (VE frame, docs/math.md section 1) and can skip their first steps by
+teleporting the initial noise with the closed-form PF-ODE solution of a Gaussian model (docs/math.md section 4).
 
 ```python
 import gsa_kernels as gk

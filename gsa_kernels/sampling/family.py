@@ -2,7 +2,7 @@
 
 A batch whose samples belong to different classes teleports (or denoises) with each sample's own
 Gaussian: mean, basis and eigenvalues are gathered per sample and applied with batched matmuls
-(MATH.md 2.1: mu + f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) * U^T (x - mu)]). There is no host
+(docs/math.md section 2.1: mu + f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) * U^T (x - mu)]). There is no host
 synchronisation (labels are never read on the host), so the call is CUDA-graph capturable; the gathered
 bases are materialised in chunks of at most `max_gather_elements` numbers to bound memory.
 """

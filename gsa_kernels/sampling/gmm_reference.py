@@ -1,7 +1,7 @@
 """A float64 full-covariance Gaussian mixture with its exact denoiser, and a fine-step PF-ODE solver.
 
 Ground truth for the sampler accuracy experiments (docs/sampling.md): with data from a GMM the score is
-known exactly (MATH.md section 3 with r = d), so the probability-flow ODE can be solved to ~1e-9 and every
+known exactly (docs/math.md section 3 with r = d), so the probability-flow ODE can be solved to ~1e-9 and every
 sampler's error measured against it. Kept independent of the fused mixture kernels on purpose.
 """
 from __future__ import annotations

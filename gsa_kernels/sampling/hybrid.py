@@ -1,11 +1,11 @@
-"""The hybrid sampler's two decisions (MATH.md section 4): where to teleport to, and the teleport itself.
+"""The hybrid sampler's two decisions (docs/math.md section 4): where to teleport to, and the teleport itself.
 
 - `resolve_skip` turns skip=k or a target sigma_skip into the index k of the schedule the sampler starts at.
 - `teleport_start` draws nothing: it maps x_init = sigmas[0] * noise to sigmas[k] with the Gaussian's
   closed-form PF-ODE solution (one fused op).
 - `choose_sigma_skip` picks sigma_skip from the models: the lowest noise level down to which the Gaussian's
   denoiser explains the reference denoiser (a GMM or training-set model fitted to the same data, or the
-  network itself) to within `tol` of explained variance (MATH.md section 5).
+  network itself) to within `tol` of explained variance (docs/math.md section 5).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _denoise_fn(model):
 def pooled_explained_variance(model, reference, data: torch.Tensor, sigmas, n_noise: int = 1, generator=None,
                               batch_size: int = 1024) -> torch.Tensor:
     """EV(sigma) = 1 - sum ||s_ref - s_model||^2 / sum ||s_ref||^2 of the scores s = (D(x) - x) / sigma^2 at
-    x = data + sigma * eps (MATH.md section 5), for each sigma in `sigmas`; float64 [len(sigmas)].
+    x = data + sigma * eps (docs/math.md section 5), for each sigma in `sigmas`; float64 [len(sigmas)].
 
     Pooled over the batch (a ratio of sums), which is what the sigma_skip chooser needs: one number per
     sigma, dominated by the samples with large scores. The papers' per-sample average of the ratio, with

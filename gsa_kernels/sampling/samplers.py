@@ -1,4 +1,4 @@
-"""Probability-flow samplers on the k-diffusion convention, with analytical teleportation (MATH.md section 4).
+"""Probability-flow samplers on the k-diffusion convention, with analytical teleportation (docs/math.md section 4).
 
 A denoiser is a callable `denoiser(x, sigma) -> x0_hat` with x in the VE frame (x = x0 + sigma * eps) and
 sigma a [B] tensor; any object with a `.denoise(x, sigma)` method (GaussianModel, GMM, DeltaMixture) is

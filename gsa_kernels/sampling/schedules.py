@@ -1,4 +1,4 @@
-"""Noise schedules as VE sigmas (MATH.md section 1): EDM/Karras, discrete VP (DDPM/DDIM timesteps), and
+"""Noise schedules as VE sigmas (docs/math.md section 1): EDM/Karras, discrete VP (DDPM/DDIM timesteps), and
 rectified flow. Every schedule is a descending [N + 1] tensor of VE noise levels for an N-step sampler;
 the conversions to and from the VP and flow frames are those of `gsa_kernels.frames`.
 
@@ -39,7 +39,7 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
                   dtype=torch.float32) -> torch.Tensor:
     """EDM schedule (Karras et al. 2022): n levels linear in sigma^(1/rho) from sigma_max to sigma_min, then 0.
 
-    Returns [n + 1]. Its tail sigmas[k:] is again a Karras schedule (MATH.md section 4).
+    Returns [n + 1]. Its tail sigmas[k:] is again a Karras schedule (docs/math.md section 4).
     """
     n = _check_steps(n)
     sigma_min, sigma_max, rho = (_check_positive(k, v) for k, v in
