@@ -4,7 +4,7 @@ The harness (benchmarks/harness/: environment, timing, memory, run loop, report)
 op family (benchmarks/cases/: gaussian, mixture, overhead); results are data (results/*.json), rendered
 to markdown and a plot.
 
-On a GPU it runs the issue's shapes; on a CPU a small set (--shapes quick) that takes a few minutes on
+On a GPU it runs the full GPU shape set; on a CPU a small set (--shapes quick) that takes a few minutes on
 2 cores. Results go to benchmarks/results/<device>_<date>.{json,md,png}.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def parse_args(argv):
                    help=f"comma list of ops ({', '.join(all_ops)}) or families ({', '.join(FAMILIES)}); "
                         "'all' (default) runs everything, except the overhead family on a CPU")
     p.add_argument("--shapes", choices=SHAPE_SETS, default=None,
-                   help="shape set: full (the issue's GPU shapes; default on a GPU), quick (default on a CPU), tiny")
+                   help="shape set: full (the GPU shapes; default on a GPU), quick (default on a CPU), tiny")
     p.add_argument("--quick", action="store_true", help="same as --shapes quick")
     p.add_argument("--batch", default=None, help="comma list of batch sizes replacing the shape set's")
     p.add_argument("--backends", default=",".join(BACKEND_KINDS), help="comma list of backends to time")
@@ -162,7 +162,7 @@ def _run(args, argv, device) -> dict:
         config.set_validation(was_validating)
     if device.type != "cuda":
         notes.append("CPU run: the gsa rows time the C++ CPU kernels; GPU precision modes (tf32x3, tf32), "
-                     "CUDA-graph timings and GPU tuning are pending a GPU session.")
+                     "CUDA-graph timings and GPU tuning need a GPU run.")
     payload = {
         "env": env,
         "options": {"shape_set": shape_set, "ops": ops, "backends": list(opts.backends),

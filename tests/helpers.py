@@ -50,7 +50,7 @@ def random_gaussian(d, r, *, lam_perp=0.25, seed=0, dtype=torch.float64):
     return [t.to(dtype).contiguous() for t in (mean, basis, eig, lp)]
 
 
-F32_DENOISE_TOL = 1e-5   # the issue's contract is 1e-4; measured ~3e-8 (see the report)
+F32_DENOISE_TOL = 1e-5   # the denoiser contract is 1e-4; measured ~3e-8
 
 
 def gen(seed):
@@ -58,7 +58,7 @@ def gen(seed):
 
 
 def close_points(n, d, seed=0, offset=10.0, spread=0.05):
-    """The hard case of MATH.md 3.1: points close together relative to their norms. float32-exact values."""
+    """The hard case of docs/math.md section 3.1: points close together relative to their norms. float32-exact values."""
     return (offset + spread * torch.randn(n, d, generator=gen(seed), dtype=torch.float64)).float().double()
 
 

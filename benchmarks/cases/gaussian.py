@@ -18,7 +18,7 @@ from ..harness.run import Case, RunOptions, standard_backends
 FAMILY = "gaussian"
 OPS = ("teleport", "denoise", "score")
 
-# (d, r) configurations and batch sizes per shape set. "full" is the GPU set: 32x32x3 full rank,
+# (d, r) configurations and batch sizes per shape set. "full" is the GPU set: 32x32x3 full rank,
 # 64x64x3 full rank and r = 1024, a 4x64x64 latent full rank, 256x256x3 with r = 1024.
 SHAPES = {
     "full": {"configs": [(3072, 3072), (12288, 12288), (12288, 1024), (16384, 16384), (196608, 1024)],

@@ -85,7 +85,7 @@ def markdown(payload: dict) -> str:
     ]
     if env["device_type"] == "cpu":
         lines += ["**CPU numbers** (small `--shapes " + payload["options"]["shape_set"] + "` set). "
-                  "GPU results are pending a GPU session; nothing here is a GPU figure.", ""]
+                  "No GPU was available for this run; nothing here is a GPU figure.", ""]
     lines += [
         "| | |", "|---|---|",
         f"| device | {env['device']} |",

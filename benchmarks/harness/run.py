@@ -18,7 +18,7 @@ from .timing import PRECISIONS, ceiling_key, cycling, rotating_buffers, time_cal
 
 BACKEND_KINDS = ("gsa", "eager", "compile", "papers", "matmuls")
 
-# Shape sets: "full" is the GPU set, "quick" a CPU set that runs in a few minutes on 2 cores,
+# Shape sets: "full" is the GPU set of the benchmark targets, "quick" a CPU set that runs in a few minutes on 2 cores,
 # "tiny" the smoke-test set (seconds).
 SHAPE_SETS = ("tiny", "quick", "full")
 
@@ -207,7 +207,7 @@ def _measure(row, be, case, xs, ref, opts):
     peak, note = peak_extra_bytes(lambda: be.fn(xs[0]), device)
     row["peak_extra_bytes"], row["mem_note"] = peak, note
     if peak is not None:
-        # The memory target: (inputs + peak extra) / (inputs + outputs).
+        # The memory target: (inputs + peak extra) / (inputs + outputs).
         row["mem_vs_io"] = (case.in_bytes + peak) / (case.in_bytes + case.out_bytes)
     timing = time_call(cycling(be.fn, xs), device, opts.min_time)
     row.update(median_s=timing.median_s, iqr_s=timing.iqr_s, runs=timing.runs, timer=timing.method)

@@ -3,6 +3,7 @@ teleport -> equal-quality accounting -> analysis curves -> figures, markdown rep
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -19,6 +20,18 @@ from .evaluate import SweepConfig, mean_std, run_sweep, savings, schedule, seed_
 from .metrics import QualityMeter, accuracy, train_classifier
 from .model import DenoiserConfig
 from .train import TrainConfig, load_or_train
+
+# Import name -> distribution of the demo's optional dependencies (the [demo] extra of pyproject.toml).
+DEMO_DEPENDENCIES = {"tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "PIL": "pillow"}
+
+
+def check_demo_dependencies() -> None:
+    """Fail before any work starts (not at the report, minutes later) when a demo dependency is missing."""
+    missing = [dist for module, dist in DEMO_DEPENDENCIES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"the demo needs {', '.join(missing)} (not installed): "
+                          "pip install 'gsa_kernels[demo]'")
+
 
 FIGURES = {
     "quality": "fd_vs_nfe.png",
@@ -101,6 +114,7 @@ def _to_jsonable(obj):
 def run(argv=None) -> dict:
     """Run the demo with command-line arguments `argv` (None: sys.argv[1:]); returns the results dict."""
     args = build_parser().parse_args(argv)
+    check_demo_dependencies()
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")

@@ -394,7 +394,7 @@ def write_report(results: dict, path: str, figure_prefix: str = "") -> None:
               "## Samples", "", results["grid_caption"], "", f"![samples]({fig['samples']})", "",
               "## Analysis of the trained model (gsa_kernels.analysis)", "",
               "Explained variance of the network's score, EV = 1 - ||s_net - s_model||^2 / ||s_net||^2 per point, "
-              "averaged over x = x_train + sigma eps (MATH.md section 5); the right panel uses the denoiser "
+              "averaged over x = x_train + sigma eps (docs/math.md section 5); the right panel uses the denoiser "
               "centred at the data mean instead. Dotted lines: the sigmas the 10-50% skips of the "
               f"N={results['grid_steps']} schedule land on.", "",
               f"![explained variance]({fig['explained_variance']})", ""]

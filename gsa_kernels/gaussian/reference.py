@@ -1,4 +1,4 @@
-"""Float64-capable pure-PyTorch reference of the Gaussian ops, following MATH.md section 2 line by line.
+"""Float64-capable pure-PyTorch reference of the Gaussian ops, following docs/math.md section 2 line by line.
 
 It is the oracle every kernel is tested against: no fusion, no special cases beyond the formulas.
 All functions take x of shape [B, ...] and return the input shape; sigma is a number or a [B] tensor.
@@ -23,7 +23,7 @@ def project(x, mean, basis):
 
 
 def apply_mode_function(x, mean, basis, f_modes, f_perp):
-    """L_f(x) = f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) * c]   (MATH.md 2.1), flattened [B, d].
+    """L_f(x) = f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) * c]   (docs/math.md section 2.1), flattened [B, d].
 
     f_modes: [B, r] (or [r]); f_perp: [B, 1] (or scalar). With r = d the orthogonal complement is empty,
     so the f(lam_perp) terms are absent (they cancel exactly in exact arithmetic).
@@ -37,7 +37,7 @@ def apply_mode_function(x, mean, basis, f_modes, f_perp):
     return f_perp * xc + ((f_modes - f_perp) * c) @ basis.T
 
 
-# The per-mode functions f(l) of MATH.md 2.1 (s2 = sigma^2).
+# The per-mode functions f(l) of docs/math.md section 2.1 (s2 = sigma^2).
 def f_denoise(lam, s2):
     return lam / (lam + s2)
 
@@ -79,7 +79,7 @@ def teleport(x, mean, basis, eigvals, lam_perp, sigma_from, sigma_to):
 
 
 def denoise_along_teleport(x, mean, basis, eigvals, lam_perp, sigma_from, sigma):
-    """MATH.md 2.2: D(x(sigma); sigma) where x(sigma) = teleport(x, sigma_from, sigma)."""
+    """docs/math.md section 2.2: D(x(sigma); sigma) where x(sigma) = teleport(x, sigma_from, sigma)."""
     xs = teleport(x, mean, basis, eigvals, lam_perp, sigma_from, sigma)
     return gaussian_denoise(xs, mean, basis, eigvals, lam_perp, sigma)
 

@@ -1,4 +1,4 @@
-"""Float64-capable pure-PyTorch reference of the mixture ops, following MATH.md section 3 line by line.
+"""Float64-capable pure-PyTorch reference of the mixture ops, following docs/math.md section 3 line by line.
 
 It is the oracle every mixture kernel is tested against. It materializes [B, K, d] tensors on purpose
 (no chunking, no centring, no online softmax): small shapes only.
@@ -39,7 +39,7 @@ def _parts(means, bases, eigvals, lam_perp):
 
 
 def component_log_density(x, means, bases, eigvals, lam_perp, sigma):
-    """log N_i(x; mu_i, C_i(sigma)) for every component, [B, K]   (MATH.md 3)."""
+    """log N_i(x; mu_i, C_i(sigma)) for every component, [B, K]   (docs/math.md section 3)."""
     x2 = _flat(x)
     bases, eigvals, lam_perp = _parts(means, bases, eigvals, lam_perp)
     K, d, r = bases.shape
@@ -66,7 +66,7 @@ def gmm_posterior(x, log_weights, means, bases, eigvals, lam_perp, sigma):
 
 
 def gmm_denoise(x, log_weights, means, bases, eigvals, lam_perp, sigma):
-    """D(x; sigma) = sum_i w_i [mu_i + a_i (x - mu_i) + U_i((b_i - a_i) * c_i)]   (MATH.md 3)."""
+    """D(x; sigma) = sum_i w_i [mu_i + a_i (x - mu_i) + U_i((b_i - a_i) * c_i)]   (docs/math.md section 3)."""
     x2 = _flat(x)
     w, _ = gmm_posterior(x2, log_weights, means, bases, eigvals, lam_perp, sigma)
     bases, eigvals, lam_perp = _parts(means, bases, eigvals, lam_perp)
@@ -96,7 +96,7 @@ def gmm_log_prob(x, log_weights, means, bases, eigvals, lam_perp, sigma):
 
 
 # ---------------------------------------------------------------------------------------------
-# The delta mixture (MATH.md 3, special case): r = 0, lam_perp = 0, mu_i = x_i.
+# The delta mixture (docs/math.md section 3, special case): r = 0, lam_perp = 0, mu_i = x_i.
 def _uniform(points):
     return points.new_zeros(points.shape[0])
 

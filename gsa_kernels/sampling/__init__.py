@@ -1,4 +1,4 @@
-"""Samplers with analytical teleportation (MATH.md section 4) on the k-diffusion denoiser convention.
+"""Samplers with analytical teleportation (docs/math.md section 4) on the k-diffusion denoiser convention.
 
     from gsa_kernels.sampling import karras_sigmas, sample
     res = sample(denoiser, noise, karras_sigmas(18), method="heun", gaussian=g, skip=4)

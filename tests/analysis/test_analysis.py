@@ -1,4 +1,4 @@
-"""gsa_kernels.analysis against float64 formulas written out here (MATH.md section 5)."""
+"""gsa_kernels.analysis against float64 formulas written out here (docs/math.md section 5)."""
 import math
 
 import pytest

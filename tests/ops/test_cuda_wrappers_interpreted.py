@@ -1,6 +1,6 @@
 """The Python functions registered as the ops' CUDA kernels, run on CPU tensors under the Triton
 interpreter. Without a GPU the dispatcher never reaches them, so this is what checks their glue (dtype
-casts, contiguity, per-sample sigma vectors, output shapes) before a GPU session does."""
+casts, contiguity, per-sample sigma vectors, output shapes) before they run on a GPU."""
 import pytest
 import torch
 
@@ -11,7 +11,8 @@ from gsa_kernels.mixture import cuda as mcuda
 from gsa_kernels.mixture import reference as MR
 from helpers import random_gaussian, rel_err
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run these kernels for real")
+pytestmark = [pytest.mark.matrix,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run these kernels for real")]
 
 
 @pytest.mark.parametrize("op", ["gaussian_denoise", "gaussian_score", "teleport"])

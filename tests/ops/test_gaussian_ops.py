@@ -1,4 +1,4 @@
-"""Gaussian ops (project, denoise, score, teleport) against the float64 reference (MATH.md 2.1)."""
+"""Gaussian ops (project, denoise, score, teleport) against the float64 reference (docs/math.md section 2.1)."""
 import math
 
 import numpy as np
@@ -9,6 +9,8 @@ import torch
 import gsa_kernels
 from gsa_kernels.gaussian import reference as R
 from helpers import SIGMAS, random_gaussian, rel_err, requires_cuda
+
+pytestmark = pytest.mark.matrix
 
 OPS = {
     "denoise": (gsa_kernels.gaussian_denoise, R.gaussian_denoise),

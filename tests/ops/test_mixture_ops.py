@@ -1,4 +1,4 @@
-"""Mixture ops (GMM and delta mixture, MATH.md 3) on the CPU path against the float64 reference."""
+"""Mixture ops (GMM and delta mixture, docs/math.md section 3) on the CPU path against the float64 reference."""
 import math
 import os
 import subprocess
@@ -11,6 +11,8 @@ import torch
 import gsa_kernels
 from gsa_kernels.mixture import reference as R
 from helpers import F32_DENOISE_TOL, SIGMAS, as_dtype, close_points, gen, queries, random_gmm, rel_err
+
+pytestmark = pytest.mark.matrix
 
 # ---------------------------------------------------------------------------------------------
 # Delta mixture.

@@ -12,6 +12,8 @@ import gsa_kernels
 from gsa_kernels.mixture import reference as R
 from helpers import F32_DENOISE_TOL, SIGMAS, close_points, gen, queries, random_gmm, rel_err, requires_cuda
 
+pytestmark = pytest.mark.matrix
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="covered by the CUDA tests")
 SMALL = dict(blocks=(16, 16, 16, 4))
@@ -33,7 +35,7 @@ def _delta(x, pts, lw, sigma, score=False, splits=2, **kw):
 
 @interpreter_only
 def test_triton_delta_float32_matches_reference_and_cpu_path():
-    """Fused (interpreter) vs chunked C++ vs float64 reference on the close-points data of MATH.md 3.1."""
+    """Fused (interpreter) vs chunked C++ vs float64 reference on the close-points data of docs/math.md section 3.1."""
     pts = close_points(40, 20)
     for i, sigma in enumerate(SIGMAS):
         x = queries(pts, 5, sigma, seed=i)

@@ -23,7 +23,7 @@ def test_karras_schedule_formula_and_tail():
     root = s[:-1] ** (1 / 7)
     assert torch.allclose(root.diff(), root.diff()[:1].expand(17), rtol=1e-10)  # linear in sigma^(1/rho)
     tail = karras_sigmas(18 - 5, 0.002, float(s[5]), 7.0, dtype=torch.float64)
-    assert rel_err(tail, s[5:]) < 1e-12  # MATH.md 4: the tail is again a Karras schedule
+    assert rel_err(tail, s[5:]) < 1e-12  # docs/math.md section 4: the tail is again a Karras schedule
     with pytest.raises(ValueError, match="sigma_min"):
         karras_sigmas(10, sigma_min=90.0)
     with pytest.raises(ValueError, match="n must be"):
