@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SKIP_DIRS = {".git", ".venv", ".ci-venv", "build", "dist", "outputs", "runs", "__pycache__", ".pytest_cache"}
 
