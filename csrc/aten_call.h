@@ -11,6 +11,7 @@
 #include <torch/headeronly/version.h>
 
 #include <array>
+#include <optional>
 
 namespace gsa {
 
@@ -34,6 +35,14 @@ inline Tensor mm(const Tensor& a, const Tensor& b) {
 inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
   using torch::stable::detail::from;
   call_aten<3>("aten::mm", "out", {from(a), from(b), from(out)});
+}
+
+// out += a @ w^T for 2-D a [B, k], w [n, k], out [B, n], accumulated inside the GEMM (BLAS beta = 1):
+// aten::linear.out with out as its own bias takes ATen's addmm path with self == out, so nothing is
+// copied and no separate pass adds the product. (aten::addmm itself would need Scalar arguments.)
+inline void linear_accumulate(const Tensor& out, const Tensor& a, const Tensor& w) {
+  using torch::stable::detail::from;
+  call_aten<4>("aten::linear", "out", {from(a), from(w), from(std::optional<Tensor>(out)), from(out)});
 }
 
 }  // namespace gsa

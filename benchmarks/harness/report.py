@@ -85,7 +85,9 @@ def markdown(payload: dict) -> str:
     ]
     if env["device_type"] == "cpu":
         lines += ["**CPU numbers** (small `--shapes " + payload["options"]["shape_set"] + "` set). "
-                  "No GPU was available for this run; nothing here is a GPU figure.", ""]
+                  "No GPU was available for this run; nothing here is a GPU figure. "
+                  "The backends of each case are timed in turns (5 rounds), so the ratios (x eager, /matmuls) "
+                  "hold while the load of a shared machine drifts; the absolute times move with it.", ""]
     lines += [
         "| | |", "|---|---|",
         f"| device | {env['device']} |",

@@ -67,6 +67,29 @@ def _time_cpu(fn, min_time):
     return Timing(m.median, m.iqr, m.number_per_run * len(m.times), "torch.utils.benchmark", min(m.times))
 
 
+def time_cpu_in_turns(calls: list, min_time: float, rounds: int = 5) -> list:
+    """CPU timings of several backends of one case, measured in turns: `rounds` rounds, each timing every
+    backend for min_time / rounds. A change of the machine's load during the case (other processes on a
+    shared host) then weighs on every backend alike, so the ratios between them (x eager, /matmuls) hold
+    even when the absolute times drift. calls: (fn, context) pairs; each is warm already."""
+    from torch.utils import benchmark
+
+    times = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, (fn, context) in enumerate(calls):
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            with context():
+                m = timer.blocked_autorange(min_run_time=min_time / rounds)
+            times[i].append((m.median, m.number_per_run * len(m.times), min(m.times)))
+    out = []
+    for per_round in times:
+        medians = [t[0] for t in per_round]
+        q1, med, q3 = _quartiles(medians)
+        out.append(Timing(med, q3 - q1, sum(t[1] for t in per_round), f"in turns ({rounds} rounds)",
+                          min(t[2] for t in per_round)))
+    return out
+
+
 def _time_cuda(fn, min_time):
     try:
         from triton.testing import do_bench

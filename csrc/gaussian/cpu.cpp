@@ -1,7 +1,7 @@
 // CPU kernels of the Gaussian ops (docs/math.md section 2.1): project, scale per mode, project back.
 //   c = U^T (x - mu),  out = [mu] + f(lam_perp) (x - mu) + U [(f(lam) - f(lam_perp)) c]
-// The two GEMMs go through the dispatcher (aten::mm); the centring, the per-mode scaling and the final
-// combination are fused loops.
+// The two GEMMs go through the dispatcher; the centring and the terms outside the basis are one fused
+// loop before them, and the second GEMM adds its product to that loop's output.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
@@ -70,16 +70,30 @@ void for_rows(int64_t rows, int64_t width, const F& f) {
   torch::stable::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1)), f);
 }
 
-// xc = x - mu as a [B, d] tensor of the compute type T (x read in its own dtype).
+// xc = x - mu as a [B, d] tensor of the compute type T (x read in its own dtype). With a base tensor
+// (the gaussian maps), the same pass also writes base = [mu] + f_perp (x - mu), the part of the output
+// that does not go through the basis; the second GEMM then accumulates into it (BLAS beta = 1), so no
+// pass after the GEMMs reads xc or the output again.
 template <class T>
-Tensor centred(const Tensor& x, const std::vector<T>& mu, int64_t batch, int64_t dim) {
+Tensor centred(const Tensor& x, const std::vector<T>& mu, int64_t batch, int64_t dim, T* base = nullptr,
+               const T* f_perp = nullptr, bool add_mean = false) {
   const Tensor xs = dense(x);
   Tensor xc = torch::stable::empty({batch, dim}, torch::headeronly::CppTypeToScalarType<T>::value);
   T* out = xc.mutable_data_ptr<T>();
   visit_float(xs, [&](const auto* px) {
     for_rows(batch, dim, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t j = 0; j < dim; ++j) out[b * dim + j] = static_cast<T>(px[b * dim + j]) - mu[j];
+        const auto* xr = px + b * dim;
+        T* cr = out + b * dim;
+        for (int64_t j = 0; j < dim; ++j) cr[j] = static_cast<T>(xr[j]) - mu[j];
+        if (!base) continue;
+        T* br = base + b * dim;
+        const T fp = f_perp[b];
+        if (add_mean) {
+          for (int64_t j = 0; j < dim; ++j) br[j] = mu[j] + fp * cr[j];
+        } else {
+          for (int64_t j = 0; j < dim; ++j) br[j] = fp * cr[j];
+        }
       }
     });
   });
@@ -119,32 +133,34 @@ Tensor gaussian_map_impl(MapKind map, const GaussianArgs& a, const Tensor& x, co
   for (auto& s : s_a) s = std::max(s, s_floor);
   const auto s_b = sigma_rows<T>(sigma_b, B);
   const Tensor U = as_dtype(basis, a.ctype);
-  const Tensor xc = centred<T>(x, mu, B, d);
-  Tensor g = mm(xc, U);  // [B, r] coefficients c, scaled in place below
-  T* pg = g.mutable_data_ptr<T>();
   // Full rank: there is no orthogonal complement, so no f(lam_perp) term (and no pass over x for it).
   // Dropping it also avoids the cancellation f_perp (x - mu) - U (f_perp c), which is catastrophic when
   // f_perp is large.
   const bool full_rank = r == d;
-  std::vector<T> f_perp(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    f_perp[b] = full_rank ? T(0) : mode_factor(map, lp, s_a[b], s_b[b]);
-    for (int64_t k = 0; k < r; ++k) pg[b * r + k] *= mode_factor(map, lam[k], s_a[b], s_b[b]) - f_perp[b];
-  }
-  Tensor out = mm(g, torch::stable::transpose(U, 0, 1));  // [B, d], completed in place
-  T* po = out.mutable_data_ptr<T>();
-  const T* pxc = xc.const_data_ptr<T>();
   const bool add_mean = map != MapKind::Score;
-  if (!full_rank || add_mean) {
-    for_rows(B, d, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const T fp = f_perp[b];
-        for (int64_t j = 0; j < d; ++j) {
-          const T base = add_mean ? mu[j] + pxc[b * d + j] * fp : pxc[b * d + j] * fp;
-          po[b * d + j] += base;
-        }
-      }
-    });
+  std::vector<T> f_perp(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) f_perp[b] = full_rank ? T(0) : mode_factor(map, lp, s_a[b], s_b[b]);
+  // out = base + G U^T: with a base term the centring pass writes it and the GEMM accumulates into it.
+  const bool has_base = !full_rank || add_mean;
+  Tensor out = torch::stable::empty({B, d}, a.ctype);
+  const Tensor xc = has_base ? centred<T>(x, mu, B, d, out.mutable_data_ptr<T>(), f_perp.data(), add_mean)
+                             : centred<T>(x, mu, B, d);
+  Tensor g = mm(xc, U);  // [B, r] coefficients c, scaled in place to G = (f(lam) - f(lam_perp)) c
+  T* pg = g.mutable_data_ptr<T>();
+  // The factors depend on the row only through its sigmas: computed once per distinct pair (usually
+  // once per call), then a plain multiply per coefficient.
+  std::vector<T> factor(static_cast<size_t>(r));
+  for (int64_t b = 0; b < B; ++b) {
+    if (b == 0 || s_a[b] != s_a[b - 1] || s_b[b] != s_b[b - 1]) {
+      for (int64_t k = 0; k < r; ++k) factor[k] = mode_factor(map, lam[k], s_a[b], s_b[b]) - f_perp[b];
+    }
+    T* gr = pg + b * r;
+    for (int64_t k = 0; k < r; ++k) gr[k] *= factor[k];
+  }
+  if (has_base) {
+    linear_accumulate(out, g, U);
+  } else {
+    mm_out(out, g, torch::stable::transpose(U, 0, 1));
   }
   return to_output(out, x);
 }

@@ -71,7 +71,8 @@ class GaussianModel(nn.Module):
 
     # -- ops ---------------------------------------------------------------------------------
     def _args(self):
-        return self.mean, self.basis, self.eigvals, self.lam_perp
+        b = self._buffers  # one dict read instead of four Module.__getattr__ calls (per-call host cost)
+        return b["mean"], b["basis"], b["eigvals"], b["lam_perp"]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Eigenbasis coefficients c = U^T (x - mu), [B, r]."""

@@ -177,6 +177,24 @@ def test_autograd_wrt_x():
         torch.ops.gsa.gaussian_denoise(x, mean_g, *params[1:], sig)
 
 
+def test_public_call_records_graph_only_when_asked():
+    """The public functions skip the Autograd key when there is nothing to record; with x requiring
+    grad they still differentiate, and a parameter requiring grad is still refused."""
+    params = random_gaussian(12, 5, lam_perp=0.3)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    plain = gsa_kernels.gaussian_denoise(x, *params, 0.7)
+    assert not plain.requires_grad and plain.grad_fn is None
+    xg = x.clone().requires_grad_(True)
+    out = gsa_kernels.gaussian_denoise(xg, *params, 0.7)
+    assert out.grad_fn is not None and rel_err(out.detach(), plain) == 0
+    assert torch.autograd.gradcheck(lambda x: gsa_kernels.gaussian_denoise(x, *params, 0.7), (xg,))
+    with torch.no_grad():
+        assert gsa_kernels.gaussian_denoise(xg, *params, 0.7).grad_fn is None
+    mean_g = params[0].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="mean requires grad"):
+        gsa_kernels.gaussian_denoise(x, mean_g, *params[1:], 0.7)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library contract: opcheck and torch.compile(fullgraph=True).
 def _op_samples():
