@@ -200,6 +200,7 @@ struct MixtureData {
 template <class T>
 struct Partial {
   std::vector<double> run_max, run_sum;    // [B]
+  std::vector<int64_t> run_arg;            // [B] the component holding run_max (-1: none yet)
   Tensor acc;                              // [blocks B, d]
   Tensor m_buf, u_buf, xk_buf;             // M = mu - c_k [C, d]; U_flat [d, C r] when not a view; x - c_k [B, d]
   Tensor xw_buf, vw_buf, p_buf;            // [x'.M | U^T x'], [v.M | U^T v]  [B, C (1 + r)]; coefficients [blocks B, C (1 + r)]
@@ -325,55 +326,66 @@ void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t k
   }
 }
 
-// float64 logits of the chunk (log pi_i + log N_i + d/2 log(2 pi sigma^2), less rho / (2 vp) when
-// drop_rho) and the online log-sum-exp step: p = exp(logit - running max) in T, alpha the rescale.
+// log pi_i + log N_i + d/2 log(2 pi sigma^2) of component i in float64 from q = ||x - mu_i||^2 (less rho when
+// drop_rho; q_lo is then -rho, else 0) and c = U_i^T (x - mu_i) [r].
+template <class T, class C>
+double component_logit(const MixtureData<T>& in, int64_t comp, double s2, double q, double q_lo, const C* c) {
+  const MixtureArgs& a = *in.a;
+  const int64_t d = a.dim, r = a.rank;
+  const double s2c = std::clamp<double>(s2, kVarLo, kVarHi);
+  const T* eig = in.eig.data() + comp * r;
+  double quad = 0, logdet = 0;
+  if (r > 0) {
+    double c_sq_sum = 0;
+    for (int64_t k = 0; k < r; ++k) {
+      const double c_sq = static_cast<double>(c[k]) * static_cast<double>(c[k]);
+      const double v = std::clamp<double>(eig[k] + s2, kVarLo, kVarHi);
+      quad += c_sq / v;
+      logdet += std::log1p(std::min<double>(eig[k] / s2c, kVarHi));
+      c_sq_sum += c_sq;
+    }
+    q -= c_sq_sum;  // the off-subspace residual q_i - p_i
+  }
+  if (r < d) {
+    q = std::isnan(q) ? kQuadMaxD : std::max(q, q_lo);
+    double vp = s2c;
+    if (!in.lp.empty()) {
+      const double lp = in.lp[comp];
+      vp = std::clamp<double>(lp + s2, kVarLo, kVarHi);
+      logdet += std::log1p(std::min<double>(lp / s2c, kVarHi)) * static_cast<double>(d - r);
+    }
+    quad += q / vp;
+  }
+  double logit = -0.5 * (std::min(quad, kQuadMaxD) + logdet);
+  if (std::isnan(logit)) logit = -0.5 * kQuadMaxD;
+  if (!in.lw.empty()) logit += in.lw[comp];
+  return logit;
+}
+
+// float64 logits of the chunk (component_logit) and the online log-sum-exp step: p = exp(logit - running
+// max) in T, alpha the rescale; run_arg follows the component of the running max.
 template <class T>
 void chunk_weights(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc) {
   const MixtureArgs& a = *in.a;
   const int64_t B = a.batch, d = a.dim, r = a.rank, width = kc * (1 + r);
-  const bool full_rank = r == d, has_lp = !in.lp.empty();
   const double exp_floor = std::is_same_v<T, double> ? -700.0 : -80.0;
   T* XW = st.xw_buf.template mutable_data_ptr<T>();
-  const T* eig = in.eig.data() + k0 * r;
   for (int64_t b = 0; b < B; ++b) {
     T* xw_row = XW + b * width;
-    const double s2 = in.s2[b];
-    const double s2c = std::clamp<double>(s2, kVarLo, kVarHi);
     // ||x - mu_i||^2 = rho + dlt + local_i; rho is left out (and added to log_z) when it is a row constant.
     const double row_q = st.dlt[b] + (in.drop_rho ? 0.0 : in.rho[b]);
     const double q_lo = in.drop_rho ? -in.rho[b] : 0.0;
     double row_max = -std::numeric_limits<double>::infinity();
+    int64_t row_arg = -1;
     for (int64_t i = 0; i < kc; ++i) {
-      double q = row_q + st.local[b * kc + i];
-      double quad = 0, logdet = 0;
-      if (r > 0) {
-        double c_sq_sum = 0;
-        for (int64_t k = 0; k < r; ++k) {
-          T& c = xw_row[kc + i * r + k];
-          c -= st.t[i * r + k];  // c_ik = U_i^T (x - mu_i)
-          const double c_sq = static_cast<double>(c) * static_cast<double>(c);
-          const double v = std::clamp<double>(eig[i * r + k] + s2, kVarLo, kVarHi);
-          quad += c_sq / v;
-          logdet += std::log1p(std::min<double>(eig[i * r + k] / s2c, kVarHi));
-          c_sq_sum += c_sq;
-        }
-        q -= c_sq_sum;  // the off-subspace residual q_i - p_i
-      }
-      if (!full_rank) {
-        q = std::isnan(q) ? kQuadMaxD : std::max(q, q_lo);
-        double vp = s2c;
-        if (has_lp) {
-          const double lp = in.lp[k0 + i];
-          vp = std::clamp<double>(lp + s2, kVarLo, kVarHi);
-          logdet += std::log1p(std::min<double>(lp / s2c, kVarHi)) * static_cast<double>(d - r);
-        }
-        quad += q / vp;
-      }
-      double logit = -0.5 * (std::min(quad, kQuadMaxD) + logdet);
-      if (std::isnan(logit)) logit = -0.5 * kQuadMaxD;
-      if (!in.lw.empty()) logit += in.lw[k0 + i];
+      T* c = xw_row + kc + i * r;
+      for (int64_t k = 0; k < r; ++k) c[k] -= st.t[i * r + k];  // c_ik = U_i^T (x - mu_i)
+      const double logit = component_logit(in, k0 + i, in.s2[b], row_q + st.local[b * kc + i], q_lo, c);
       st.local[b * kc + i] = logit;
-      row_max = std::max(row_max, logit);
+      if (logit > row_max) {
+        row_max = logit;
+        row_arg = k0 + i;
+      }
       if (in.logits) in.logits[b * a.n_comp + k0 + i] = logit;
     }
     // Online log-sum-exp (an all -inf state stays NaN-free: shift 0, alpha = p = 0).
@@ -381,6 +393,7 @@ void chunk_weights(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t
     const double shift = m_new == -std::numeric_limits<double>::infinity() ? 0.0 : m_new;
     const double alpha = std::exp(st.run_max[b] - shift);
     st.alpha[b] = static_cast<T>(alpha);
+    if (row_max > st.run_max[b]) st.run_arg[b] = row_arg;
     st.run_max[b] = m_new;
     double p_sum = 0;
     for (int64_t i = 0; i < kc; ++i) {
@@ -566,6 +579,7 @@ void vjp_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc)
 template <class T>
 struct Merged {
   std::vector<double> shift, total;  // [B]
+  std::vector<int64_t> arg;          // [B] the component whose logit is shift (-1: none)
   std::vector<T> num;                // [blocks B, d]
 };
 
@@ -628,6 +642,7 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
   for (auto& st : parts) {
     st.run_max.assign(B, -std::numeric_limits<double>::infinity());
     st.run_sum.assign(B, 0.0);
+    st.run_arg.assign(B, -1);
     st.acc = new_tensor<T>({nb * B, d});
     std::fill_n(st.acc.template mutable_data_ptr<T>(), nb * B * d, T(0));
     st.m_buf = new_tensor<T>({chunk * d});
@@ -671,11 +686,17 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
   Merged<T> mg;
   mg.shift.assign(B, 0.0);
   mg.total.assign(B, 0.0);
+  mg.arg.assign(B, -1);
   mg.num.assign(nb * B * d, T(0));
   std::vector<double> e(static_cast<size_t>(n_split));
   for (int64_t b = 0; b < B; ++b) {
     double top = -std::numeric_limits<double>::infinity();
-    for (const auto& st : parts) top = std::max(top, st.run_max[b]);
+    for (const auto& st : parts) {
+      if (st.run_max[b] > top) {
+        top = st.run_max[b];
+        mg.arg[b] = st.run_arg[b];
+      }
+    }
     const double shift = top == -std::numeric_limits<double>::infinity() ? 0.0 : top;
     double total = 0;
     for (int64_t s = 0; s < n_split; ++s) {
@@ -694,6 +715,33 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
     }
   }
   return mg;
+}
+
+// The logit of component k for row b with no float32 rounding (docs/math.md section 3.2): x - mu_k directly in
+// float64 (x and mu_k are T numbers, so the differences are exact), q = ||x - mu_k||^2 and c = U_k^T (x - mu_k)
+// summed in float64. O(d (1 + r)); diff [d] and c [r] are scratch.
+template <class T>
+double exact_logit(const MixtureData<T>& in, int64_t b, int64_t k, std::vector<double>& diff, std::vector<double>& c) {
+  const int64_t d = in.a->dim, r = in.a->rank;
+  const T* xb = in.xt.template const_data_ptr<T>() + b * d;
+  double q = 0;
+  const auto [mean_k, m_off] = contiguous_rows(in.means, k, 1);
+  visit_float(mean_k, [&](const auto* pm) {
+    for (int64_t j = 0; j < d; ++j) {
+      diff[j] = static_cast<double>(xb[j]) - static_cast<double>(static_cast<T>(pm[m_off + j]));
+      q += diff[j] * diff[j];
+    }
+  });
+  if (r > 0) {
+    std::fill(c.begin(), c.end(), 0.0);
+    const auto [basis_k, u_off] = contiguous_rows(in.bases, k, 1);
+    visit_float(basis_k, [&](const auto* pu) {
+      for (int64_t j = 0; j < d; ++j) {
+        for (int64_t i = 0; i < r; ++i) c[i] += static_cast<double>(static_cast<T>(pu[u_off + j * r + i])) * diff[j];
+      }
+    });
+  }
+  return component_logit(in, k, in.s2[b], q, 0.0, c.data());
 }
 
 template <class T>
@@ -718,6 +766,7 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
   T* pz = log_z.template mutable_data_ptr<T>();
   T* pw = return_weights ? weights.template mutable_data_ptr<T>() : nullptr;
   const double vp_shared = in.lp.empty() ? 0.0 : static_cast<double>(in.lp[0]);
+  std::vector<double> diff(static_cast<size_t>(d)), c(static_cast<size_t>(a.rank));
   for (int64_t b = 0; b < B; ++b) {
     const double inv_total = mg.total[b] > 0 ? 1.0 / mg.total[b] : 0.0;
     // D - ctr (or the score) = num / W.
@@ -729,8 +778,12 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
     // a row whose every weight is zero gets W = 0 -> log_z = -inf and D = ctr.
     const double s2c = std::clamp<double>(in.s2[b], kVarLo, kVarHi);
     const double vp = std::clamp<double>(vp_shared + in.s2[b], kVarLo, kVarHi);
-    pz[b] = static_cast<T>(mg.shift[b] + std::log(mg.total[b]) - (in.drop_rho ? 0.5 * in.rho[b] / vp : 0.0) -
-                           0.5 * static_cast<double>(d) * (std::log(s2c) + kLog2Pi));
+    // The dominant logit is recomputed exactly and the streamed ones enter only relative to it:
+    // log_z = l_* + log sum_i exp(l~_i - l~_*) (docs/math.md section 3.2).
+    const double top = mg.arg[b] >= 0 && mg.total[b] > 0 ? exact_logit(in, b, mg.arg[b], diff, c)
+                                                          : std::numeric_limits<double>::quiet_NaN();
+    const double lead = std::isfinite(top) ? top : mg.shift[b] - (in.drop_rho ? 0.5 * in.rho[b] / vp : 0.0);
+    pz[b] = static_cast<T>(lead + std::log(mg.total[b]) - 0.5 * static_cast<double>(d) * (std::log(s2c) + kLog2Pi));
     // Weights as exp(logit - M) / W: M is one of the logits, so the difference is exact where it matters.
     if (pw) {
       for (int64_t k = 0; k < K; ++k) pw[b * K + k] = static_cast<T>(std::exp(logits[b * K + k] - mg.shift[b]) * inv_total);
