@@ -18,7 +18,7 @@ STABLE_TORCH_LIBRARY(gsa, m) {
   // CPU chunk (0: automatic); GPU kernels pick their own tiles.
   m.def("gmm_forward(Tensor x, Tensor log_weights, Tensor means, Tensor? bases, Tensor? eigvals, Tensor? lam_perp, Tensor sigma, Tensor? center=None, bool score=False, bool return_weights=False, int chunk_size=0) -> (Tensor, Tensor, Tensor)");
   m.def("delta_mixture_forward(Tensor x, Tensor points, Tensor? log_weights, Tensor sigma, Tensor? center=None, bool score=False, int chunk_size=0) -> (Tensor, Tensor)");
-  // Vector-Jacobian products of the mixture denoisers (docs/math.md section 3.3): J^T v with J = dD/dx,
+  // Vector-Jacobian products of the mixture denoisers (docs/math.md section 3.4): J^T v with J = dD/dx,
   // v shaped like x. frame [like x] is any point close to D (the forward's denoiser): the posterior
   // covariance is accumulated about it, so nothing cancels. A second streaming pass, memory flat in K.
   m.def("gmm_vjp(Tensor x, Tensor log_weights, Tensor means, Tensor? bases, Tensor? eigvals, Tensor? lam_perp, Tensor sigma, Tensor frame, Tensor v, Tensor? center=None, int chunk_size=0) -> Tensor");

@@ -1,6 +1,6 @@
 // CPU kernels of the mixture ops (docs/math.md section 3): GMM and delta-mixture (training-set)
 // denoisers/scores with a streaming log-sum-exp over chunks of components, and their vector-Jacobian
-// products (docs/math.md section 3.3) as a second streaming pass.
+// products (docs/math.md section 3.4) as a second streaming pass.
 //
 // Per chunk of C components (chunk_frame) the kernel works in the chunk's own frame c_k (its mean), in
 // the compute type T (float64 if any input is float64, else float32; half/bfloat16 components are
@@ -8,7 +8,7 @@
 //   M = mu[chunk] - c_k [C, d],  x' = x - c_k [B, d],  x'.M^T and x'.U_flat by GEMMs (float64 loops for
 //   d <= kDirectDim),  c_i = U_i^T (x - mu_i)
 // and the logits as float64 numbers per (row, component) (chunk_weights): the per-row distance
-// ||x - ctr||^2 is kept out of them (docs/math.md section 3.1) and the chunk's offset
+// ||x - ctr||^2 is kept out of them (docs/math.md section 3.2) and the chunk's offset
 // ||x - c_k||^2 - ||x - ctr||^2 is exact in float64. The online log-sum-exp gives p = exp(logit - max);
 // the coefficients of D_i (or of the score term) go into [blocks B, C (1 + r)] and two GEMMs add them
 // into the [blocks B, d] accumulators (chunk_accumulate): one block for the forward, three for the VJP.
@@ -189,7 +189,7 @@ struct MixtureData {
   bool score = false;
   bool drop_rho = false;            // all components share lam_perp: rho / (2 vp) is a row constant -> log_z
   double* logits = nullptr;         // [B, K] float64 logits when the posterior weights are asked for
-  // The VJP pass (docs/math.md section 3.3): frame F [B, d] (any point close to D), cotangent v [B, d].
+  // The VJP pass (docs/math.md section 3.4): frame F [B, d] (any point close to D), cotangent v [B, d].
   const T* frame = nullptr;
   const T* v = nullptr;
   std::vector<double> vxf;          // v.(x - F) [B]
@@ -216,7 +216,7 @@ struct Partial {
 // Frame of the chunk [k0, k0 + kc): c_k = the mean of its rows, M = mu - c_k, x' = x - c_k, the cross
 // terms ||M_i||^2 - 2 x'.M_i (GEMM in T, or float64 loops for small d), c_i = U_i^T (x - mu_i) (in
 // place in xw), and the exact per-row difference dlt = ||x - c_k||^2 - ||x - ctr||^2 in float64
-// (docs/math.md section 3.1).
+// (docs/math.md section 3.2).
 template <class T>
 void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc, Tensor& u_flat, const T*& U,
                  int64_t& uj, int64_t& uc) {
@@ -518,7 +518,7 @@ void forward_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t
   chunk_accumulate(in, st, kc, U, uj, uc, /*has_m_term=*/!(full_rank && in.score));
 }
 
-// Streams the components into the VJP state (docs/math.md section 3.3), three row blocks with
+// Streams the components into the VJP state (docs/math.md section 3.4), three row blocks with
 // beta_i = v.(D_i - F):  [0] sum p beta (D_i - F),  [1] sum p (D_i - F),  [2] sum p A_i v.
 template <class T>
 void vjp_chunk(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t kc) {
@@ -794,7 +794,7 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
   return {out, log_z, weights};
 }
 
-// J^T v of the denoiser (docs/math.md section 3.3) with E0 = sum w beta (D_i - F), E1 = sum w (D_i - F)
+// J^T v of the denoiser (docs/math.md section 3.4) with E0 = sum w beta (D_i - F), E1 = sum w (D_i - F)
 // = D - F, E2 = sum w A_i v:  J^T v = E2 + (E0 - (v.E1) E1) / sigma^2.
 template <class T>
 Tensor mixture_vjp(const MixtureArgs& a, const Tensor& x, const std::optional<Tensor>& log_weights,

@@ -1,4 +1,4 @@
-"""Autograd of the mixture ops with respect to x (torch.library.register_autograd; docs/math.md section 3.3).
+"""Autograd of the mixture ops with respect to x (torch.library.register_autograd; docs/math.md section 3.4).
 
 The denoiser's Jacobian is J = sum_i w_i A_i + Cov_w(D_i) / sigma^2 (A_i the symmetric Jacobian of
 component i's affine denoiser; for the training set A_i = 0 and D_i = x_i), so J^T v is one more

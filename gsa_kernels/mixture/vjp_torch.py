@@ -1,4 +1,4 @@
-"""The mixture VJP (docs/math.md section 3.3) in PyTorch, chunked over components: the CUDA kernel of
+"""The mixture VJP (docs/math.md section 3.4) in PyTorch, chunked over components: the CUDA kernel of
 gsa::gmm_vjp and gsa::delta_mixture_vjp until a Triton kernel exists.
 
 Memory is flat in K: one chunk of C components at a time ([B, C, d] temporaries with B C d <= 2^24

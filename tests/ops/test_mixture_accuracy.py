@@ -1,4 +1,4 @@
-"""Float32 accuracy of the mixture CPU kernel by construction (docs/math.md section 3.1): far queries keep the
+"""Float32 accuracy of the mixture CPU kernel by construction (docs/math.md section 3.2): far queries keep the
 float64 posterior's argmax, low-dimensional data stays exact at small sigma, log p stays within 1e-3 nats."""
 import torch
 
