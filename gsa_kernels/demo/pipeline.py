@@ -161,7 +161,8 @@ def _run(args, argv: list) -> dict:
 
     train_d = data.train.to(device)
     gaussian = GaussianModel.fit(train_d)
-    gmm = GMM.fit(train_d, n_components=args.gmm_components, rank=min(args.gmm_rank, data.dim - 1), seed=args.seed)
+    gmm = GMM.fit(train_d, n_components=args.gmm_components, rank=min(args.gmm_rank, data.dim - 1), seed=args.seed,
+              verbose=progress)
     delta = DeltaMixture(train_d)
     t_fit = time.perf_counter()
 
