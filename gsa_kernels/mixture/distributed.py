@@ -21,6 +21,7 @@ from torch import nn
 from .._core.lse import merge_states, safe_shift
 from . import ops
 from .model import GMM, DeltaMixture, Mixture
+from .storage import StreamedDeltaMixture
 
 
 def _global_shift(log_z: torch.Tensor, group) -> torch.Tensor:
@@ -47,23 +48,28 @@ def _all_sum(t: torch.Tensor, group) -> torch.Tensor:
 
 
 class ShardedMixture(nn.Module):
-    """A GMM or DeltaMixture whose components are split over the ranks of `group`.
+    """A GMM or training set whose components are split over the ranks of `group`.
 
-    local: this rank's shard (a GMM or DeltaMixture; shards may differ in size). Collective: every rank
+    local: this rank's shard (a GMM, a DeltaMixture, or a StreamedDeltaMixture read from disk; shards may
+    differ in size). Collective: every rank
     must call the same methods with the same x and sigma. Log-weights are taken as given on every shard
     (not normalized per shard), so uniform weights mean uniform over the union.
     """
 
     def __init__(self, local: Mixture, group=None):
         super().__init__()
-        if not isinstance(local, (GMM, DeltaMixture)):
-            raise TypeError(f"local must be a GMM or DeltaMixture, got {type(local).__name__}")
+        if not isinstance(local, (GMM, DeltaMixture, StreamedDeltaMixture)):
+            raise TypeError(f"local must be a GMM, DeltaMixture or StreamedDeltaMixture, got {type(local).__name__}")
         self.local = local
         self.group = group
-        rows = local.means if isinstance(local, GMM) else local.points
+        if isinstance(local, StreamedDeltaMixture):  # its centre is the mean of its rows, computed as it opened
+            mean, n_rows = local.center.to(torch.float64), local.n_points
+        else:
+            rows = local.means if isinstance(local, GMM) else local.points
+            mean, n_rows = ops.mean_of_rows(rows), rows.shape[0]
         # Shared centre = global mean of the rows; global log-weight normalizer.
-        count = torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=rows.device)
-        total = _all_sum(torch.cat([ops.mean_of_rows(rows) * count, count]), group)
+        count = torch.tensor([float(n_rows)], dtype=torch.float64, device=mean.device)
+        total = _all_sum(torch.cat([mean * count, count]), group)
         self.register_buffer("center", (total[:-1] / total[-1]).to(local.center.dtype), persistent=False)
         lw = local.log_weights
         if lw is None:

@@ -236,6 +236,10 @@ class StreamedDeltaMixture(Mixture):
         return (f"n_points={self.n_points}, dim={self.dim}, dtype={self.source.dtype}, "
                 f"chunk_rows={self.chunk_rows}, device={self.device}")
 
+    @property
+    def log_weights(self) -> torch.Tensor | None:
+        return self._log_weights
+
     def log_weight_norm(self):
         return ops.log_weight_norm(self._log_weights, self.n_points, self.compute_dtype)
 

@@ -1,6 +1,7 @@
 """GMM and DeltaMixture modules: API, state_dict, GMM.fit (k-means++ / Lloyd / per-cluster eigh), sharding."""
 import io
 import math
+import os
 import socket
 import warnings
 
@@ -173,18 +174,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _sharded_worker(rank, world, port):
+def _sharded_worker(rank, world, port, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for dtype in (torch.float32, torch.float64):
-            _check_sharded(rank, dtype)
+            _check_sharded(rank, dtype, tmp)
     finally:
         dist.destroy_process_group()
 
 
-def _check_sharded(rank, dtype):
+def _check_sharded(rank, dtype, tmp):
     from gsa_kernels.mixture.distributed import ShardedMixture
+    from gsa_kernels.mixture.storage import StreamedDeltaMixture, write_npy
 
     pts = close_points(70, 16).to(dtype)
     lw = torch.randn(70, generator=gen(2), dtype=torch.float64).to(dtype)
@@ -192,6 +194,9 @@ def _check_sharded(rank, dtype):
     shard = slice(0, cut) if rank == 0 else slice(cut, 70)
     full = gsa_kernels.DeltaMixture(pts, lw)
     sharded = ShardedMixture(gsa_kernels.DeltaMixture(pts[shard], lw[shard]))
+    path = os.path.join(tmp, f"shard{rank}_{dtype}.npy".replace("torch.", ""))
+    write_npy(path, [pts[shard]], pts[shard].shape[0], 16, dtype=dtype)
+    from_disk = ShardedMixture(StreamedDeltaMixture(path, lw[shard], chunk_rows=8))
     uniform_full = gsa_kernels.DeltaMixture(pts)
     uniform = ShardedMixture(gsa_kernels.DeltaMixture(pts[shard]))
     params = [None if t is None else t.to(dtype) for t in random_gmm(9, 16, 3, seed=1)]
@@ -206,6 +211,8 @@ def _check_sharded(rank, dtype):
         "delta denoise": (sharded.denoise(x, sigma), full.denoise(x, sigma)),
         "delta score": (sharded.score(x, sigma), full.score(x, sigma)),
         "delta log_prob": (sharded.log_prob(x, sigma), full.log_prob(x, sigma)),
+        "streamed shards denoise": (from_disk.denoise(x, sigma), full.denoise(x, sigma)),
+        "streamed shards log_prob": (from_disk.log_prob(x, sigma), full.log_prob(x, sigma)),
         "uniform log_prob": (uniform.log_prob(x, sigma), uniform_full.log_prob(x, sigma)),
         "gmm denoise": (gmm_shard.denoise(xg, sigma), gmm_full.denoise(xg, sigma)),
         "gmm score": (gmm_shard.score(xg, sigma), gmm_full.score(xg, sigma)),
@@ -217,7 +224,7 @@ def _check_sharded(rank, dtype):
         raise AssertionError(f"rank {rank} {dtype}: sharded != single process: {bad}")
 
 
-def test_sharded_mixture_matches_single_process():
+def test_sharded_mixture_matches_single_process(tmp_path):
     """Two gloo processes, unequal shards of points (delta) and components (GMM): the exact merge equals one
     process to 1e-6 relative in float32 and 1e-12 in float64."""
-    mp.spawn(_sharded_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
