@@ -23,12 +23,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_NO_GUARD = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
 def device_guard(t: torch.Tensor):
     """Make t's CUDA device current for the launches (a kernel launched on the current device could not
-    read tensors on another one); a no-op for other devices."""
-    if t.device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
+    read tensors on another one); a shared no-op for other devices and when it already is current (the
+    common case, which then costs no device switch and back)."""
+    dev = t.device
+    if dev.type != "cuda" or dev.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(dev)
 
 
 @functools.lru_cache(maxsize=None)

@@ -318,11 +318,48 @@ _GMM_MAX_BLOCK_R = 32
 
 def clamped_sigma_sq(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """sigma^2 clamped to [FLT_MIN, FLT_MAX] as a contiguous [batch] vector: two ops for a [batch] sigma."""
-    s = sigma.to(dtype)
+    s = sigma if sigma.dtype == dtype else sigma.to(dtype)
     s2 = (s * s).clamp_(FLT_MIN, FLT_MAX)
     if s2.dim() != 1 or s2.shape[0] != batch:
         s2 = s2.reshape(-1).expand(batch).contiguous()
     return s2
+
+
+# Launch plans keyed on everything they depend on (shapes, dtypes, flags, precision, device): a repeated
+# call looks its grid, split and constants up instead of recomputing them. Small: one entry per distinct
+# call signature (cleared past MAX_PLANS, so a stream of new shapes cannot grow it without bound).
+_PLANS: dict = {}
+MAX_PLANS = 1024
+
+
+def _remember(key, plan):
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _delta_plan(x2, points, lw, center, s2, has_lw, acc_dt, precision, splits, blocks):
+    """(grid, S, n_per_split, constexprs) of one training-set launch."""
+    B, D = x2.shape
+    N = points.shape[0]
+    if blocks is None:
+        blocks = _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
+    bb, bn, bd, warps = blocks
+    row_blocks = cdiv(B, bb)
+    n_chunks = cdiv(N, bn)
+    prec = precision if acc_dt == torch.float32 else "ieee"
+    consts = dict(HAS_LW=has_lw, PRECISION=prec, ACC=_tl_dtype(acc_dt),
+                  BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+    if splits is None:
+        splits = split_count(_delta_partial_kernel, x2.device, row_blocks, n_chunks, B * D,
+                             (acc_dt, points.dtype, *consts.items()),
+                             lambda: ((x2, points, lw, center, s2, x2, s2, s2, B, N, D, bn), consts),
+                             WORKSPACE_ELEMENTS)
+    S = max(1, min(int(splits), n_chunks))
+    n_per_split = cdiv(n_chunks, S) * bn
+    S = cdiv(N, n_per_split)
+    return (row_blocks, S), S, n_per_split, consts
 
 
 def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: torch.Tensor | None,
@@ -338,31 +375,23 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
     x2, points, center = x2.contiguous(), points.contiguous(), as_contiguous(center, acc_dt)
     B, D = x2.shape
     N = points.shape[0]
+    dev = x2.device
     s2 = clamped_sigma_sq(sigma, B, acc_dt)
-    if blocks is None:
-        blocks = _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
-    bb, bn, bd, warps = blocks
-    row_blocks = cdiv(B, bb)
-    n_chunks = cdiv(N, bn)
     lw = as_contiguous(log_weights, acc_dt) if log_weights is not None else s2
-    prec = precision if acc_dt == torch.float32 else "ieee"
-    consts = dict(HAS_LW=log_weights is not None, PRECISION=prec, ACC=_tl_dtype(acc_dt),
-                  BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
-    if splits is None:
-        splits = split_count(_delta_partial_kernel, x2.device, row_blocks, n_chunks, B * D,
-                             (acc_dt, points.dtype, *consts.items()),
-                             lambda: ((x2, points, lw, center, s2, x2, s2, s2, B, N, D, bn), consts),
-                             WORKSPACE_ELEMENTS)
-    S = max(1, min(int(splits), n_chunks))
-    n_per_split = cdiv(n_chunks, S) * bn
-    S = cdiv(N, n_per_split)
-    acc = torch.zeros((S, B, D), dtype=acc_dt, device=x2.device)
-    m = torch.empty((S, B), dtype=acc_dt, device=x2.device)
-    l = torch.empty((S, B), dtype=acc_dt, device=x2.device)
+    key = ("delta", B, N, D, acc_dt, x2.dtype, points.dtype, log_weights is not None, precision, splits, blocks,
+           dev)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _remember(key, _delta_plan(x2, points, lw, center, s2, log_weights is not None, acc_dt, precision,
+                                          splits, blocks))
+    grid, S, n_per_split, consts = plan
+    # Three allocations, not one split into views: on the host a view costs as much as an allocation.
+    acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
+    m = torch.empty((S, B), dtype=acc_dt, device=dev)
+    l = torch.empty((S, B), dtype=acc_dt, device=dev)
     if B > 0:
         with device_guard(x2):
-            _delta_partial_kernel[(row_blocks, S)](x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split,
-                                                   **consts)
+            _delta_partial_kernel[grid](x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split, **consts)
     # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2); one launch.
     out, log_z, _, _ = merge_mixture(m, l, acc, -l if score else None, x2, center, s2, add_ctr=not score,
                                      divide_by_s2=score, log_norm_scale=0.5 * D, kernel=True)
@@ -384,29 +413,35 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     K = means.shape[0]
     R = 0 if bases is None else bases.shape[2]
     s2 = clamped_sigma_sq(sigma, B, acc_dt)
-    if blocks is None:
-        blocks = _GMM_BLOCKS[(acc_dt == torch.float32, B > 16)]
-    bb, bd, warps = blocks
-    block_r = max(16, min(max_block_r, 1 << (max(R, 1) - 1).bit_length()))  # next power of 2 (no JIT call)
-    row_blocks = cdiv(B, bb)
     dev = x2.device
     has_bases = R > 0
     bases_c = bases.contiguous() if has_bases else means
     eig_c = as_contiguous(eigvals, acc_dt) if has_bases else s2
     lp_c = as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2
     lw_c = as_contiguous(log_weights, acc_dt)
-    prec = precision if acc_dt == torch.float32 else "ieee"
-    consts = dict(HAS_BASES=has_bases, HAS_LP=lam_perp is not None, FULL_RANK=R == D, STORE_LOGITS=return_weights,
-                  SCORE=score, PRECISION=prec, ACC=_tl_dtype(acc_dt), BLOCK_B=bb, BLOCK_D=bd, BLOCK_R=block_r,
-                  num_warps=warps)
-    if splits is None:
-        splits = split_count(_gmm_partial_kernel, dev, row_blocks, K, B * max(D, R), (acc_dt, *consts.items()),
-                             lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, center, s2, x2, s2, s2, s2, x2, x2,
-                                       B, K, D, R, 16), consts),
-                             WORKSPACE_ELEMENTS)
-    S = max(1, min(int(splits), K))
-    k_per_split = cdiv(K, S)
-    S = cdiv(K, k_per_split)
+    key = ("gmm", B, K, D, R, acc_dt, x2.dtype, means.dtype, bases_c.dtype, lam_perp is not None, score,
+           return_weights, precision, splits, blocks, max_block_r, dev)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if blocks is None:
+            blocks = _GMM_BLOCKS[(acc_dt == torch.float32, B > 16)]
+        bb, bd, warps = blocks
+        block_r = max(16, min(max_block_r, 1 << (max(R, 1) - 1).bit_length()))  # next power of 2
+        row_blocks = cdiv(B, bb)
+        prec = precision if acc_dt == torch.float32 else "ieee"
+        consts = dict(HAS_BASES=has_bases, HAS_LP=lam_perp is not None, FULL_RANK=R == D,
+                      STORE_LOGITS=return_weights, SCORE=score, PRECISION=prec, ACC=_tl_dtype(acc_dt), BLOCK_B=bb,
+                      BLOCK_D=bd, BLOCK_R=block_r, num_warps=warps)
+        S = splits
+        if S is None:
+            S = split_count(_gmm_partial_kernel, dev, row_blocks, K, B * max(D, R), (acc_dt, *consts.items()),
+                            lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, center, s2, x2, s2, s2, s2, x2, x2,
+                                      B, K, D, R, 16), consts),
+                            WORKSPACE_ELEMENTS)
+        S = max(1, min(int(S), K))
+        k_per_split = cdiv(K, S)
+        plan = _remember(key, ((row_blocks, cdiv(K, k_per_split)), cdiv(K, k_per_split), k_per_split, consts))
+    grid, S, k_per_split, consts = plan
     acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
     m, l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(3))
     # Pointers the kernel does not touch (no stored logits, no bases) get a live buffer, not an allocation.
@@ -414,7 +449,7 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     c_scratch = torch.empty((S, B, R), dtype=acc_dt, device=dev) if R > 0 else m
     if B > 0:
         with device_guard(x2):
-            _gmm_partial_kernel[(row_blocks, S)](
+            _gmm_partial_kernel[grid](
                 x2, means, bases_c, eig_c, lp_c, lw_c, center, s2,
                 acc, m, l, x_sum, logits, c_scratch, B, K, D, R, k_per_split, **consts)
     out, log_z, shift, inv_w = merge_mixture(m, l, acc, x_sum, x2, center, s2, add_ctr=not score,
