@@ -1,4 +1,5 @@
-"""Reductions across torch.distributed ranks used by the sharded fits (gloo on CPU, NCCL on GPU: same calls)."""
+"""Reductions across torch.distributed ranks, used by the sharded fits and ShardedMixture (gloo on CPU,
+NCCL on GPU: same calls)."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,13 @@ def all_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum of t over the ranks of `group` (a new tensor; t is left alone)."""
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Elementwise maximum of t over the ranks of `group` (a new tensor; t is left alone)."""
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
 
 

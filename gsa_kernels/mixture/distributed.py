@@ -15,9 +15,9 @@ centre (the global mean of the points/means) so that the score is formed in the 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .._core.collectives import all_max, all_sum
 from .._core.lse import merge_states, safe_shift
 from . import ops
 from .model import GMM, DeltaMixture, Mixture
@@ -25,9 +25,7 @@ from .storage import StreamedDeltaMixture
 
 
 def _global_shift(log_z: torch.Tensor, group) -> torch.Tensor:
-    m = log_z.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    return safe_shift(m)
+    return safe_shift(all_max(log_z, group))
 
 
 def merge_partials(out: torch.Tensor, log_z: torch.Tensor, group=None):
@@ -35,16 +33,9 @@ def merge_partials(out: torch.Tensor, log_z: torch.Tensor, group=None):
     B = log_z.shape[0]
     shift = _global_shift(log_z, group)
     e = torch.exp(log_z - shift)  # 0 on a shard with no weight
-    packed = torch.cat([(e[:, None] * out.reshape(B, -1).to(e.dtype)), e[:, None]], dim=1)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    packed = all_sum(torch.cat([(e[:, None] * out.reshape(B, -1).to(e.dtype)), e[:, None]], dim=1), group)
     merged = merge_states(shift[None], packed[None, :, -1], packed[None, :, :-1])
     return merged.out.to(out.dtype).reshape(out.shape), merged.log_w
-
-
-def _all_sum(t: torch.Tensor, group) -> torch.Tensor:
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
 
 
 class ShardedMixture(nn.Module):
@@ -69,15 +60,14 @@ class ShardedMixture(nn.Module):
             mean, n_rows = ops.mean_of_rows(rows), rows.shape[0]
         # Shared centre = global mean of the rows; global log-weight normalizer.
         count = torch.tensor([float(n_rows)], dtype=torch.float64, device=mean.device)
-        total = _all_sum(torch.cat([mean * count, count]), group)
+        total = all_sum(torch.cat([mean * count, count]), group)
         self.register_buffer("center", (total[:-1] / total[-1]).to(local.center.dtype), persistent=False)
         lw = local.log_weights
         if lw is None:
             self._log_norm = float(torch.log(total[-1]))
         else:
-            m = torch.max(lw).to(torch.float64).reshape(1)
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            s = _all_sum(torch.exp(lw.to(torch.float64) - m).sum().reshape(1), group)
+            m = all_max(torch.max(lw).to(torch.float64).reshape(1), group)
+            s = all_sum(torch.exp(lw.to(torch.float64) - m).sum().reshape(1), group)
             self._log_norm = float(m + torch.log(s))
 
     def forward(self, x, sigma, *, score=False) -> ops.MixtureOutput:
@@ -100,5 +90,5 @@ class ShardedMixture(nn.Module):
             raise TypeError("posterior weights are available for GMM shards only")
         _, log_z, w = self.local.partial(x, sigma, return_weights=True, center=self.center)
         shift = _global_shift(log_z, self.group)
-        total = _all_sum(torch.exp(log_z - shift), self.group)
+        total = all_sum(torch.exp(log_z - shift), self.group)
         return w * (torch.exp(log_z - shift) / total)[:, None]
