@@ -2,7 +2,10 @@
 path to examples/. Test modules import from here (never from each other); fixtures live in conftest.py."""
 import importlib.util
 import math
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,30 @@ class HostSyncDetector(TorchFunctionMode):
         if name in self.FORBIDDEN:
             self.seen.append(name)
         return func(*args, **(kwargs or {}))
+
+
+# Peak-RSS measurement in a fresh process. A fixed malloc mmap threshold makes every large buffer a fresh
+# mapping, returned on free, so the peak RSS above a baseline counts exactly the live temporaries.
+_PEAK_RSS_PREAMBLE = """
+import torch, gsa_kernels
+torch.set_num_threads(2)
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter (VmHWM)
+"""
+
+
+def run_peak_rss_script(body: str, timeout: int = 120) -> list[int]:
+    """Run the script `body` (after a preamble defining kib(field) and reset_peak()) in a new process and
+    return the integers it prints last, e.g. peak KiB above a baseline for each size it tried."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs /proc/self/clear_refs to reset the peak RSS")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", _PEAK_RSS_PREAMBLE + textwrap.dedent(body)], capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stderr
+    return [int(v) for v in res.stdout.strip().splitlines()[-1].split()]

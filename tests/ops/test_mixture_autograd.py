@@ -1,15 +1,12 @@
 """Autograd of the mixture ops with respect to x: gradcheck in float64, finite differences in float32, the
 chunked PyTorch VJP (the CUDA path) against the C++ one, constants, and memory flat in N."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import gsa_kernels as gk
 from gsa_kernels.mixture import ops, vjp_torch
-from helpers import gen, random_gmm, rel_err
+from helpers import gen, random_gmm, rel_err, run_peak_rss_script
 
 SIGMAS = (0.05, 0.7, 5.0)
 
@@ -124,13 +121,7 @@ def test_vjp_ops_name_bad_operands():
                                         x[:, :2].to("meta"), None, 0)
 
 
-_MEMORY_SCRIPT = r"""
-import torch, gsa_kernels
-torch.set_num_threads(2)
-def kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
+_BACKWARD_MEMORY = """
 B, d = 32, 64
 x = torch.randn(B, d)
 out = []
@@ -139,8 +130,7 @@ for N in (50_000, 200_000):
     xg = x.clone().requires_grad_()
     res = gsa_kernels.mixture.delta_mixture_forward(xg, pts, None, 0.5)
     loss = res.out.sum() + res.log_prob.sum()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     base = kib("VmRSS")
     loss.backward()
     out.append(kib("VmHWM") - base)
@@ -151,11 +141,6 @@ print(*out)
 
 def test_backward_extra_memory_is_independent_of_n():
     """Peak RSS above the inputs during backward for N and 4N points (see the forward's memory test)."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs /proc/self/clear_refs to reset the peak RSS")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
-    res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 0, res.stderr
-    small, large = (int(v) for v in res.stdout.split()[-2:])
+    small, large = run_peak_rss_script(_BACKWARD_MEMORY)[-2:]
     naive_kib = 32 * 200_000 * 4 // 1024  # one [B, N] float32 matrix
     assert large < naive_kib / 2 and large < 1.5 * small + 2048, (small, large)

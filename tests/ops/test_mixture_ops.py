@@ -1,16 +1,13 @@
 """Mixture ops (GMM and delta mixture, docs/math.md section 3) on the CPU path against the float64 reference."""
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import gsa_kernels
 from gsa_kernels.mixture import reference as R
-from helpers import F32_DENOISE_TOL, SIGMAS, as_dtype, close_points, gen, queries, random_gmm, rel_err
+from helpers import (F32_DENOISE_TOL, SIGMAS, as_dtype, close_points, gen, queries, random_gmm, rel_err,
+                     run_peak_rss_script)
 
 pytestmark = pytest.mark.matrix
 
@@ -203,39 +200,26 @@ def test_no_nan_or_inf_from_finite_input():
 
 # ---------------------------------------------------------------------------------------------
 # Memory: the chunked path's extra memory does not grow with the number of points.
-_MEMORY_SCRIPT = textwrap.dedent("""
-    import torch, gsa_kernels
-    torch.set_num_threads(2)
-    def kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    B, d = 64, 16
-    x, s = torch.randn(B, d), torch.full((B,), 0.5)
-    torch.ops.gsa.delta_mixture_forward(x[:1], torch.randn(3, d), None, s[:1], None, False, 0)  # thread pool
-    out = []
-    for N in (50_000, 200_000):
-        pts = torch.randn(N, d)
-        ctr = pts.mean(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS counter
-        base = kib("VmRSS")
-        torch.ops.gsa.delta_mixture_forward(x, pts, None, s, ctr, False, 0)
-        out.append(kib("VmHWM") - base)
-        del pts
-    print(*out)
-""")
+_FORWARD_MEMORY = """
+B, d = 64, 16
+x, s = torch.randn(B, d), torch.full((B,), 0.5)
+torch.ops.gsa.delta_mixture_forward(x[:1], torch.randn(3, d), None, s[:1], None, False, 0)  # thread pool
+out = []
+for N in (50_000, 200_000):
+    pts = torch.randn(N, d)
+    ctr = pts.mean(0)
+    reset_peak()
+    base = kib("VmRSS")
+    torch.ops.gsa.delta_mixture_forward(x, pts, None, s, ctr, False, 0)
+    out.append(kib("VmHWM") - base)
+    del pts
+print(*out)
+"""
 
 
 def test_chunked_path_extra_memory_is_independent_of_n():
-    """Peak RSS above the inputs during one call, for N and 4N points. A fixed malloc mmap threshold makes
-    every large buffer a fresh mapping, returned on free, so RSS counts exactly the live temporaries."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs /proc/self/clear_refs to reset the peak RSS")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
-    res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 0, res.stderr
-    small, large = (int(v) for v in res.stdout.split()[-2:])
+    """Peak RSS above the inputs during one call, for N and 4N points (helpers.run_peak_rss_script)."""
+    small, large = run_peak_rss_script(_FORWARD_MEMORY)[-2:]
     naive_large_kib = 64 * 200_000 * 4 // 1024  # one [B, N] float32 matrix: 50 MiB
     # A few MiB of [B, chunk] temporaries per worker, the same for 4x the points, far below one [B, N] matrix.
     assert 512 < small and large < naive_large_kib / 4, (small, large)
