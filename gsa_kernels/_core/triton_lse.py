@@ -39,11 +39,12 @@ def _merge_kernel(
     tile = pid - row * n_tiles
     row64 = row.to(tl.int64)
     s_lane = tl.arange(0, BLOCK_S)
-    # M = max_s m_s; 0 where every state is empty (e = exp(-inf - 0) = 0 then).
-    m_max = tl.full((BLOCK_S,), float("-inf"), ACC)
+    # M = max_s m_s; 0 where every state is empty (e = exp(-inf - 0) = 0 then). The maxima and M are float64
+    # (the mixture kernels' logits are float64 numbers; float32 maxima convert exactly).
+    m_max = tl.full((BLOCK_S,), float("-inf"), tl.float64)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + s_lane
-        mv = tl.load(m_ptr + ss.to(tl.int64) * B + row64, mask=ss < S, other=float("-inf")).to(ACC)
+        mv = tl.load(m_ptr + ss.to(tl.int64) * B + row64, mask=ss < S, other=float("-inf")).to(tl.float64)
         m_max = tl.maximum(m_max, mv, propagate_nan=tl.PropagateNan.ALL)
     big = tl.max(m_max, axis=0)
     shift = tl.where(big == float("-inf"), 0.0, big)
@@ -57,7 +58,7 @@ def _merge_kernel(
         ss = s0 + s_lane
         s_ok = ss < S
         state = ss.to(tl.int64) * B + row64
-        e = tl.exp(tl.load(m_ptr + state, mask=s_ok, other=float("-inf")).to(ACC) - shift)
+        e = tl.exp(tl.load(m_ptr + state, mask=s_ok, other=float("-inf")).to(tl.float64) - shift).to(ACC)
         w_vec += e * tl.load(l_ptr + state, mask=s_ok, other=0.0).to(ACC)
         if HAS_X:
             a_vec += e * tl.load(a_ptr + state, mask=s_ok, other=0.0).to(ACC)
@@ -84,7 +85,7 @@ def _merge_kernel(
     if tile == 0:
         log_w = shift + tl.log(w)
         if LOG_NORM:
-            log_w -= log_norm_scale * (LOG2PI + tl.log(s2))
+            log_w -= log_norm_scale * (LOG2PI + tl.log(s2.to(tl.float64)))
         tl.store(logw_ptr + row, log_w)
         if WRITE_STATS:
             tl.store(shift_ptr + row, shift)
@@ -107,7 +108,8 @@ def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Ten
     dev, dt = acc.device, acc.dtype
     out = torch.empty((B, D), dtype=dt, device=dev)
     log_w = torch.empty((B,), dtype=dt, device=dev)
-    shift, inv_w = ((torch.empty((B,), dtype=dt, device=dev), torch.empty((B,), dtype=dt, device=dev)) if stats
+    # shift in m's dtype: float64 maxima stay exact for exp(logit - shift) downstream.
+    shift, inv_w = ((torch.empty((B,), dtype=m.dtype, device=dev), torch.empty((B,), dtype=dt, device=dev)) if stats
                     else (None, None))
     has_x = x_coef is not None
     n_tiles = cdiv(D, BLOCK_D)
@@ -126,10 +128,11 @@ def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Ten
 def aot_cases(full: bool = False):
     """Launch configurations for gsa_kernels.triton_aot: both accumulators, with and without the x term
     and the mixture epilogue (full adds the remaining flag combinations the launchers use)."""
-    def case(dt, has_x, has_ctr, add_ctr, div_s2, log_norm, stats):
-        names = ("m_ptr", "l_ptr", "acc_ptr", "a_ptr", "x_ptr", "ctr_ptr", "s2_ptr", "out_ptr", "logw_ptr",
-                 "shift_ptr", "invw_ptr")
-        return _merge_kernel, {**{n: "*" + dt for n in names}, "S": "i32", "B": "i32", "D": "i32",
+    def case(dt, has_x, has_ctr, add_ctr, div_s2, log_norm, stats, m_dt=None):
+        names = ("l_ptr", "acc_ptr", "a_ptr", "x_ptr", "ctr_ptr", "s2_ptr", "out_ptr", "logw_ptr", "invw_ptr")
+        m_dt = m_dt or dt  # the mixture kernels' maxima are float64
+        return _merge_kernel, {**{n: "*" + dt for n in names}, "m_ptr": "*" + m_dt, "shift_ptr": "*" + m_dt,
+                               "S": "i32", "B": "i32", "D": "i32",
                                "n_tiles": "i32", "log_norm_scale": "fp32",
                                "HAS_X": has_x, "HAS_CTR": has_ctr, "ADD_CTR": add_ctr, "DIV_S2": div_s2,
                                "LOG_NORM": log_norm, "WRITE_STATS": stats,
@@ -138,9 +141,9 @@ def aot_cases(full: bool = False):
 
     for dt in ("fp32", "fp64"):
         yield case(dt, False, False, False, False, False, True)   # merge_states without x (shards, chunks)
-        yield case(dt, True, True, True, False, True, False)      # training set / GMM denoiser
+        yield case(dt, True, True, True, False, True, False, "fp64")  # training set / GMM denoiser
         if full:
             yield case(dt, True, False, False, False, False, True)  # merge_states with xr
-            yield case(dt, True, True, False, True, True, False)    # training-set score
-            yield case(dt, True, True, False, False, True, False)   # GMM score
-            yield case(dt, True, True, True, False, True, True)     # GMM with posterior weights
+            yield case(dt, True, True, False, True, True, False, "fp64")  # training-set score
+            yield case(dt, True, True, False, False, True, False, "fp64")  # GMM score
+            yield case(dt, True, True, True, False, True, True, "fp64")    # GMM with posterior weights

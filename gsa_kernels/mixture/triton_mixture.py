@@ -61,21 +61,30 @@ from .._core.lse import merge_mixture
 FLT_MIN = torch.finfo(torch.float32).tiny
 FLT_MAX = torch.finfo(torch.float32).max
 WORKSPACE_ELEMENTS = 1 << 25
+EXACT_DIM = 16  # up to this d the training-set kernel's cross terms are float64 (docs/math.md section 3.2)
 # Constants visible inside the kernels (compiled Triton only reads constexpr globals).
 QUAD_MAX = tl.constexpr(1e37)  # quadratic forms beyond this only tie with each other
+QUAD_MAX_F64 = tl.constexpr(1e300)  # the same for float64 logits: clamp only what would overflow
 VAR_MIN = tl.constexpr(FLT_MIN)
 VAR_MAX = tl.constexpr(FLT_MAX)
 
 
 @triton.jit
+def _load_rows(ptr, idx, idx_ok, d0, D, BLOCK_D: tl.constexpr):
+    """([len(idx), BLOCK_D] tile of rows idx of a row-major [*, D] matrix in its storage type, zero outside;
+    the tile's mask)."""
+    dd = d0 + tl.arange(0, BLOCK_D)
+    mask = idx_ok[:, None] & (dd < D)[None, :]
+    return tl.load(ptr + idx.to(tl.int64)[:, None] * D + dd[None, :], mask=mask, other=0.0), mask
+
+
+@triton.jit
 def _load_centred(ptr, ctr_ptr, idx, idx_ok, d0, D, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """[len(idx), BLOCK_D] tile of rows idx of a row-major [*, D] matrix minus ctr, zero outside."""
+    v, mask = _load_rows(ptr, idx, idx_ok, d0, D, BLOCK_D)
     dd = d0 + tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    mask = idx_ok[:, None] & d_ok[None, :]
-    v = tl.load(ptr + idx.to(tl.int64)[:, None] * D + dd[None, :], mask=mask, other=0.0).to(ACC)
-    c = tl.load(ctr_ptr + dd, mask=d_ok, other=0.0).to(ACC)
-    return tl.where(mask, v - c[None, :], 0.0)
+    c = tl.load(ctr_ptr + dd, mask=dd < D, other=0.0).to(ACC)
+    return tl.where(mask, v.to(ACC) - c[None, :], 0.0)
 
 
 @triton.jit
@@ -99,44 +108,59 @@ def _online_update(m_run, logit):
 def _delta_partial_kernel(
     x_ptr, pts_ptr, lw_ptr, ctr_ptr, s2_ptr, acc_ptr, max_ptr, sum_ptr,
     B, N, D, n_per_split,
-    HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, LOGIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
-    xnorm = tl.zeros((BLOCK_B,), ACC)
-    for d0 in range(0, D, BLOCK_D):
-        xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-        xnorm += tl.sum(xt * xt, axis=1)
+    s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0)
+    half_inv_s2 = 0.5 / s2.to(tl.float64)  # float64: scales the exact row terms
+    half_inv_s2_l = half_inv_s2.to(LOGIT)
 
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
-    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
+    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
+    arg_run = tl.full((BLOCK_B,), -1, tl.int32)
     l_run = tl.zeros((BLOCK_B,), ACC)
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        # 1. dots and point norms, centred.
-        dots = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-        pnorm = tl.zeros((BLOCK_N,), ACC)
+        inv_count = 1.0 / tl.minimum(n_hi - n0, BLOCK_N).to(LOGIT)
+        # 1. In the chunk's frame c (the mean of its points, one d slice at a time from the tile in
+        #    registers): dots (x - c)(x_i - c)^T, point norms ||x_i - c||^2 and, exactly in float64,
+        #    the row term ||x - c||^2 (docs/math.md section 3.2).
+        dots = tl.zeros((BLOCK_B, BLOCK_N), LOGIT)
+        pnorm = tl.zeros((BLOCK_N,), LOGIT)
+        row_sq = tl.zeros((BLOCK_B,), tl.float64)
         for d0 in range(0, D, BLOCK_D):
-            xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-            pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
-            dots += tl.dot(xt, tl.trans(pt), input_precision=PRECISION)
-            pnorm += tl.sum(pt * pt, axis=1)
-        # 2. logits and the online softmax.
-        dist2 = tl.maximum(xnorm[:, None] - 2.0 * dots + pnorm[None, :], 0.0)
-        logit = -tl.minimum(dist2 * half_inv_s2[:, None], QUAD_MAX)
+            xt, xmask = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D)
+            pt, pmask = _load_rows(pts_ptr, cols, col_ok, d0, D, BLOCK_D)
+            pt = pt.to(LOGIT)
+            frame = tl.sum(pt, axis=0) * inv_count
+            xk = tl.where(xmask, xt.to(LOGIT) - frame[None, :], 0.0)
+            pk = tl.where(pmask, pt - frame[None, :], 0.0)
+            dots += tl.dot(xk, tl.trans(pk), input_precision=PRECISION)
+            pnorm += tl.sum(pk * pk, axis=1)
+            xd = tl.where(xmask, xt.to(tl.float64) - frame.to(tl.float64)[None, :], 0.0)
+            row_sq += tl.sum(xd * xd, axis=1)
+        # 2. logit = lw_i - ||x - x_i||^2 / (2 s^2) = row + rel_i with the row part in float64 and
+        #    rel_i = lw_i - (||x_i - c||^2 - 2 (x - c).(x_i - c)) / (2 s^2) in LOGIT; the online softmax.
+        rel = (2.0 * dots - pnorm[None, :]) * half_inv_s2_l[:, None]
+        rel = tl.where(rel == rel, tl.minimum(tl.maximum(rel, -QUAD_MAX), QUAD_MAX), -QUAD_MAX)
         if HAS_LW:
-            logit += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        logit = tl.where(col_ok[None, :], logit, float("-inf"))
-        m_run, alpha, shift = _online_update(m_run, tl.max(logit, axis=1))
-        p = tl.exp(logit - shift[:, None])
+            rel += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(LOGIT)[None, :]
+        rel = tl.where(col_ok[None, :], rel, float("-inf"))
+        row = -row_sq * half_inv_s2
+        chunk_max = row + tl.max(rel, axis=1).to(tl.float64)
+        arg_run = tl.where(chunk_max > m_run, n0 + tl.argmax(rel, axis=1), arg_run)
+        m_run, alpha, shift = _online_update(m_run, chunk_max)
+        alpha = alpha.to(ACC)
+        # row - shift <= -rel_i wherever rel_i is finite; the clamp keeps a masked (-inf) rel from meeting +inf.
+        p = tl.exp(tl.minimum(row - shift, QUAD_MAX).to(LOGIT)[:, None] + rel).to(ACC)
         l_run = l_run * alpha + tl.sum(p, axis=1)
         # 3. acc = alpha acc + p (x_i - ctr), one d slice at a time.
         for d0 in range(0, D, BLOCK_D):
@@ -149,6 +173,20 @@ def _delta_partial_kernel(
             tl.store(a_ptrs, acc, mask=amask)
         # The next chunk reloads these acc tiles, possibly in another thread layout: order the accesses.
         tl.debug_barrier()
+    # The split's max is its dominant logit recomputed exactly (x - x_* in float64): the state's log W
+    # is then l_* + log sum_i exp(l~_i - l~_*) (docs/math.md section 3.2).
+    found = row_ok & (arg_run >= 0)
+    top = tl.where(found, arg_run, 0)
+    dist2 = tl.zeros((BLOCK_B,), tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        xt, xmask = _load_rows(x_ptr, rows, found, d0, D, BLOCK_D)
+        pt, _ = _load_rows(pts_ptr, top, found, d0, D, BLOCK_D)
+        xd = xt.to(tl.float64) - pt.to(tl.float64)
+        dist2 += tl.sum(xd * xd, axis=1)
+    exact = -dist2 * half_inv_s2
+    if HAS_LW:
+        exact += tl.load(lw_ptr + top, mask=found, other=0.0).to(tl.float64)
+    m_run = tl.where(found, exact, m_run)
     tl.store(max_ptr + pid_s * B + rows, m_run, mask=row_ok)
     tl.store(sum_ptr + pid_s * B + rows, l_run, mask=row_ok)
 
@@ -180,9 +218,10 @@ def _gmm_partial_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
+    s2_f64 = s2.to(tl.float64)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
+    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
     l_run = tl.zeros((BLOCK_B,), ACC)
     x_run = tl.zeros((BLOCK_B,), ACC)
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
@@ -192,27 +231,29 @@ def _gmm_partial_kernel(
     for k in range(k_lo, k_hi):
         k64 = tl.cast(k, tl.int64)
         base_k = bases_ptr + k64 * D * R
-        # Pass 1a: exact differences x - mu_k and q = ||x - mu_k||^2.
-        q = tl.zeros((BLOCK_B,), ACC)
+        # Pass 1a: q = ||x - mu_k||^2 from the exact float64 differences, summed in float64: the per-row
+        # distance never rounds away the differences between components (docs/math.md section 3.2).
+        q = tl.zeros((BLOCK_B,), tl.float64)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             xt = tl.load(x_rows + dd[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(ACC)
-            mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
+                         other=0.0).to(tl.float64)
+            mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(tl.float64)
             xc = tl.where(row_ok[:, None] & d_ok[None, :], xt - mu[None, :], 0.0)
             q += tl.sum(xc * xc, axis=1)
         # log N_k (docs/math.md section 3) with clamped variances (s2 is clamped to [FLT_MIN, FLT_MAX] by the launcher);
         # log det C_k(sigma) is taken relative to sigma^2 I (log1p(lam / s^2)), so the logits stay O(1) at
-        # large sigma; the row constant -d/2 log(2 pi sigma^2) is added in the epilogue.
+        # large sigma; the row constant -d/2 log(2 pi sigma^2) is added in the epilogue. The logit is a float64
+        # number per row; the per-mode terms (float32 c from a GEMM) are summed in ACC.
         if HAS_LP:
             lam_perp = tl.load(lp_ptr + k).to(ACC)
         else:
             lam_perp = 0.0
         v_perp = tl.minimum(tl.maximum(lam_perp + s2, VAR_MIN), VAR_MAX)
-        quad = tl.zeros((BLOCK_B,), ACC)
-        logdet = tl.zeros((BLOCK_B,), ACC)
-        proj = tl.zeros((BLOCK_B,), ACC)
+        quad = tl.zeros((BLOCK_B,), tl.float64)
+        logdet = tl.zeros((BLOCK_B,), tl.float64)
+        proj = tl.zeros((BLOCK_B,), tl.float64)
         if HAS_BASES:
             # Pass 1b: c = U_k^T (x - mu_k) one BLOCK_R slice of modes at a time (any rank r), kept in the
             # scratch for pass 2.
@@ -232,19 +273,22 @@ def _gmm_partial_kernel(
                     c += tl.dot(xc, ut, input_precision=PRECISION)
                 lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
                 v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
-                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1)
+                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1).to(tl.float64)
                 logdet += tl.sum(tl.where(mode_ok[None, :], _log1p(tl.minimum(lam[None, :] / s2[:, None], VAR_MAX)),
-                                          0.0), axis=1)
-                proj += tl.sum(c * c, axis=1)
+                                          0.0), axis=1).to(tl.float64)
+                proj += tl.sum(c * c, axis=1).to(tl.float64)
                 tl.store(c_base + rows64[:, None] * R + modes[None, :], c, mask=row_ok[:, None] & mode_ok[None, :])
         if not FULL_RANK:
-            quad += tl.maximum(q - proj, 0.0) / v_perp
-            logdet += (D - R) * _log1p(tl.minimum(lam_perp / s2, VAR_MAX))
-        logit = tl.load(lw_ptr + k).to(ACC) - 0.5 * (tl.minimum(quad, QUAD_MAX) + logdet)
+            lp_f64 = tl.zeros((BLOCK_B,), tl.float64) + lam_perp  # lam_perp is float32-exact
+            vp_f64 = tl.minimum(tl.maximum(lp_f64 + s2_f64, VAR_MIN), VAR_MAX)
+            quad += tl.maximum(q - proj, 0.0) / vp_f64
+            logdet += (D - R) * _log1p(tl.minimum(lp_f64 / s2_f64, VAR_MAX))
+        logit = tl.load(lw_ptr + k).to(tl.float64) - 0.5 * (tl.minimum(quad, QUAD_MAX_F64) + logdet)
         if STORE_LOGITS:
             tl.store(logit_ptr + rows.to(tl.int64) * K + k, logit, mask=row_ok)
         m_run, alpha, shift = _online_update(m_run, logit)
-        p = tl.exp(logit - shift)
+        alpha = alpha.to(ACC)
+        p = tl.exp(logit - shift).to(ACC)
         l_run = l_run * alpha + p
         # Component k adds p [cm (mu_k - ctr) + cx (x - ctr) + U_k (g c)] with the coefficients of
         # D_k - ctr or of the score term, formed without cancellation (vp = lam_perp + s^2, v = lam + s^2):
@@ -343,18 +387,20 @@ def _delta_plan(x2, points, lw, center, s2, has_lw, acc_dt, precision, splits, b
     """(grid, S, n_per_split, constexprs) of one training-set launch."""
     B, D = x2.shape
     N = points.shape[0]
+    # d <= EXACT_DIM: the chunk's cross terms in float64 (the float64 tiles fit its registers).
+    logit_dt = torch.float64 if acc_dt == torch.float64 or D <= EXACT_DIM else torch.float32
     if blocks is None:
-        blocks = _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
+        blocks = _DELTA_BLOCKS[(logit_dt == torch.float32, B > 16)]
     bb, bn, bd, warps = blocks
     row_blocks = cdiv(B, bb)
     n_chunks = cdiv(N, bn)
     prec = precision if acc_dt == torch.float32 else "ieee"
-    consts = dict(HAS_LW=has_lw, PRECISION=prec, ACC=_tl_dtype(acc_dt),
+    consts = dict(HAS_LW=has_lw, PRECISION=prec, ACC=_tl_dtype(acc_dt), LOGIT=_tl_dtype(logit_dt),
                   BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
     if splits is None:
         splits = split_count(_delta_partial_kernel, x2.device, row_blocks, n_chunks, B * D,
                              (acc_dt, points.dtype, *consts.items()),
-                             lambda: ((x2, points, lw, center, s2, x2, s2, s2, B, N, D, bn), consts),
+                             lambda: ((x2, points, lw, center, s2, x2, s2.double(), s2, B, N, D, bn), consts),
                              WORKSPACE_ELEMENTS)
     S = max(1, min(int(splits), n_chunks))
     n_per_split = cdiv(n_chunks, S) * bn
@@ -387,7 +433,7 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
     grid, S, n_per_split, consts = plan
     # Three allocations, not one split into views: on the host a view costs as much as an allocation.
     acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
-    m = torch.empty((S, B), dtype=acc_dt, device=dev)
+    m = torch.empty((S, B), dtype=torch.float64, device=dev)  # float64 logits (docs/math.md section 3.2)
     l = torch.empty((S, B), dtype=acc_dt, device=dev)
     if B > 0:
         with device_guard(x2):
@@ -435,7 +481,8 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
         S = splits
         if S is None:
             S = split_count(_gmm_partial_kernel, dev, row_blocks, K, B * max(D, R), (acc_dt, *consts.items()),
-                            lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, center, s2, x2, s2, s2, s2, x2, x2,
+                            lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, center, s2, x2, s2.double(), s2, s2,
+                                      s2.double(), x2,
                                       B, K, D, R, 16), consts),
                             WORKSPACE_ELEMENTS)
         S = max(1, min(int(S), K))
@@ -443,9 +490,10 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
         plan = _remember(key, ((row_blocks, cdiv(K, k_per_split)), cdiv(K, k_per_split), k_per_split, consts))
     grid, S, k_per_split, consts = plan
     acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
-    m, l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(3))
+    m = torch.empty((S, B), dtype=torch.float64, device=dev)  # float64 logits (docs/math.md section 3.2)
+    l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(2))
     # Pointers the kernel does not touch (no stored logits, no bases) get a live buffer, not an allocation.
-    logits = torch.empty((B, K), dtype=acc_dt, device=dev) if return_weights else m
+    logits = torch.empty((B, K), dtype=torch.float64, device=dev) if return_weights else m
     c_scratch = torch.empty((S, B, R), dtype=acc_dt, device=dev) if R > 0 else m
     if B > 0:
         with device_guard(x2):
@@ -456,7 +504,7 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
                                              divide_by_s2=False, log_norm_scale=0.5 * D, stats=return_weights,
                                              kernel=True)
     # exp(logit - M) / W rather than exp(logit - log_z): M is one of the logits (exact difference).
-    weights = (torch.exp(logits - shift[:, None]) * inv_w[:, None] if return_weights
+    weights = (torch.exp(logits - shift[:, None]).mul_(inv_w[:, None]).to(acc_dt) if return_weights
                else acc.new_empty((0,)))
     return out, log_z, weights
 
@@ -468,18 +516,22 @@ def aot_cases(full: bool = False):
     full=True: every entry of both tile tables, float32 entries in every precision mode, each with the
     points storage types and kernel variants that use the most registers (low-rank GMM with lam_perp and
     stored logits; full-rank score)."""
-    def delta(dt, pts, prec, big):
-        bb, bn, bd, warps = _DELTA_BLOCKS[(dt == "fp32", big)]
-        ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr", "max_ptr", "sum_ptr")}
-        return _delta_partial_kernel, {"pts_ptr": "*" + pts, **ptrs, **dict.fromkeys(("B", "N", "D", "n_per_split"), "i32"),
+    def delta(dt, pts, prec, big, exact_d=False):
+        f32_logits = dt == "fp32" and not exact_d
+        bb, bn, bd, warps = _DELTA_BLOCKS[(f32_logits, big)]
+        ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr", "sum_ptr")}
+        return _delta_partial_kernel, {"pts_ptr": "*" + pts, **ptrs, "max_ptr": "*fp64",
+                                       **dict.fromkeys(("B", "N", "D", "n_per_split"), "i32"),
                                        "HAS_LW": True, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
+                                       "LOGIT": tl.float32 if f32_logits else tl.float64,
                                        "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps}
 
     def gmm(dt, prec, big, full_rank, score):
         bb, bd, warps = _GMM_BLOCKS[(dt == "fp32", big)]
         names = ("x_ptr", "means_ptr", "bases_ptr", "eig_ptr", "lp_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr",
-                 "max_ptr", "sum_ptr", "xsum_ptr", "logit_ptr", "c_ptr")
-        return _gmm_partial_kernel, {**{n: "*" + dt for n in names}, **dict.fromkeys(("B", "K", "D", "R", "k_per_split"), "i32"),
+                 "sum_ptr", "xsum_ptr", "c_ptr")
+        return _gmm_partial_kernel, {**{n: "*" + dt for n in names}, "max_ptr": "*fp64", "logit_ptr": "*fp64",
+                                     **dict.fromkeys(("B", "K", "D", "R", "k_per_split"), "i32"),
                                      "HAS_BASES": True, "HAS_LP": not full_rank, "FULL_RANK": full_rank, "STORE_LOGITS": True,
                                      "SCORE": score, "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
                                      "BLOCK_B": bb, "BLOCK_D": bd, "BLOCK_R": _GMM_MAX_BLOCK_R, "num_warps": warps}
@@ -489,6 +541,7 @@ def aot_cases(full: bool = False):
         yield delta("fp32", "bf16", "tf32x3", False)
         yield delta("fp32", "fp16", "tf32", True)
         yield delta("fp64", "fp64", "ieee", True)
+        yield delta("fp32", "fp32", "ieee", True, exact_d=True)
         yield gmm("fp32", "tf32x3", True, False, False)
         yield gmm("fp32", "ieee", False, True, True)
         yield gmm("fp64", "ieee", True, False, True)
@@ -500,6 +553,8 @@ def aot_cases(full: bool = False):
                     yield delta("fp32", pts, prec, big)
         else:
             yield delta("fp64", "fp64", "ieee", big)
+            for pts in ("fp32", "bf16"):
+                yield delta("fp32", pts, "ieee", big, exact_d=True)
     for is_f32, big in _GMM_BLOCKS:
         for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
             for full_rank, score in ((False, False), (True, True)):
