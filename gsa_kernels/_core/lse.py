@@ -46,7 +46,8 @@ def _use_kernel(kernel: bool | None, t: torch.Tensor) -> bool:
 
 def merge_states(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Tensor | None = None,
                  xr: torch.Tensor | None = None, *, kernel: bool | None = None) -> MergedState:
-    """Merge S states m, l [S, B], acc [S, B, d] (x_coef [S, B] with xr = x - ctr [B, d], or None).
+    """Merge S states m, l [S, B], acc [S, B, d] (x_coef [S, B] with xr = x - ctr [B, d], or None). m may be
+    float64 over float32 states; shift and log_w are then float64.
 
     kernel: None = the Triton kernel for CUDA tensors, PyTorch otherwise; True / False forces one."""
     if _use_kernel(kernel, acc):
@@ -57,6 +58,8 @@ def merge_states(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: to
         return MergedState(out, log_w, shift, inv_w)
     shift = safe_shift(m.amax(dim=0))
     e = torch.exp(m - shift)                              # [S, B]
+    if e.dtype != acc.dtype:  # float64 maxima of float32 states (the mixture kernels): exact shift, e in acc's dtype
+        e = e.to(acc.dtype)
     w = (e * l).sum(0)                                    # [B]
     num = (e.unsqueeze(-1) * acc).sum(0)                  # [B, d]: no bmm, immune to TF32 flags
     if x_coef is not None:

@@ -6,6 +6,8 @@ the x coefficients a), forms M = max_s m_s, e_s = exp(m_s - M), W = sum_s e_s l_
 sum_s e_s acc_s (+ (sum_s e_s a_s)(x - ctr)) / W; a row with no weight (every m_s = -inf) gets M = 0,
 W = 0, out = 0 (ctr with the centre added back) and log W = -inf, never NaN. Elementwise products and
 reductions only: no matmul, so no precision setting (global TF32 flags included) changes the result.
+M, the exponents m_s - M and log W are float64 (the mixture kernels' maxima are float64 logits; float32
+maxima convert exactly); shift is returned in m's dtype.
 
 The optional epilogue of the mixture ops rides along, saving a kernel launch each: the centre added
 back, a division by sigma^2, and the Gaussian normaliser -scale (log 2 pi + log sigma^2) added to log W.

@@ -7,11 +7,15 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
 
 * ``_delta_partial_kernel`` (training set, N up to millions). A program owns a tile of BLOCK_B query rows
   and a contiguous range of points (its split). For each chunk of BLOCK_N points it
-    1. loops over d in BLOCK_D slices and accumulates dots = (x - ctr)(x_i - ctr)^T with ``tl.dot``
-       (input_precision = ieee / tf32x3 / tf32) and the point norms ||x_i - ctr||^2,
-    2. forms logits log pi_i - ||x - x_i||^2 / (2 sigma^2) by the centred expansion, updates the running
-       max m and the rescaled sum l (online softmax; p = exp(logit - m)),
+    1. loops over d in BLOCK_D slices and, in the chunk's own frame c (the mean of its points, formed
+       slice by slice from the tile already in registers), accumulates dots = (x - c)(x_i - c)^T with
+       ``tl.dot`` (input_precision = ieee / tf32x3 / tf32), the point norms ||x_i - c||^2 and, in
+       float64 from exact differences, the row term ||x - c||^2,
+    2. forms logits log pi_i - ||x - x_i||^2 / (2 sigma^2) as a float64 row term plus float32 relative
+       terms, updates the float64 running max m, the index of its point and the rescaled sum l (online
+       softmax; p = exp(logit - m)),
     3. loops over d again and updates acc[BLOCK_B, d] = alpha acc + p (x_i - ctr) with a second ``tl.dot``.
+  At the end the split's max is replaced by its dominant logit recomputed from float64 differences x - x_*.
   Why this design: d is large (3072 at CIFAR size), so acc[BLOCK_B, d] cannot live in registers as in
   flash attention (head dim <= 256). It lives in a float32 workspace [S, B, d] in global memory and is
   read-modified-written once per chunk (2 BLOCK_B d floats per BLOCK_N points: about twice the point
@@ -22,11 +26,12 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
   stored. The points are read once per row tile; splitting them over S programs per row tile keeps the GPU
   busy for small B, and one small kernel merges the S partial states exactly and adds the op's epilogue
   (gsa_kernels._core.lse.merge_mixture). Extra memory:
-  S B d + 2 S B floats, with S <= ~2 programs per SM and S B d <= 2^25 (128 MiB).
+  S B d + 2 S B numbers (the maxima float64), with S <= ~2 programs per SM and S B d <= 2^25 (128 MiB).
 
 * ``_gmm_partial_kernel`` (GMM, K components, optional rank-r bases). A program streams over its range of
-  components one at a time: pass 1 computes the exact differences x - mu_k (no distance expansion at all:
-  B d per component, small next to the B d r of c = U_k^T (x - mu_k)), then c in slices of BLOCK_R <= 32
+  components one at a time: pass 1 computes q = ||x - mu_k||^2 from the exact float64 differences (no
+  distance expansion at all: B d per component, small next to the B d r of c = U_k^T (x - mu_k)) and the
+  logit as a float64 number per row, then c in slices of BLOCK_R <= 32
   modes with ``tl.dot`` (any rank; c goes to a [S, B, r] scratch); pass 2 over d adds
   p cm_k (mu_k - ctr) + U_k (p g_k c_k) to the workspace accumulator and p cx_k to a per-row sum, with
   the coefficients of D_k - ctr (or of the score term) rearranged so that none is a difference of
@@ -34,12 +39,14 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
   score as (D - x) / sigma^2 (cancels at small sigma). Optionally the logits are stored [B, K] for the
   posterior weights.
 
-Numerics (docs/math.md section 3.1): x and the points are centred on ``ctr`` (the mean of the points) inside the
-operand loads, so the expansion loses eps (||x - ctr||^2 + ||x_i - ctr||^2) rather than
-eps (||x||^2 + ||x_i||^2) before the division by 2 sigma^2; the score's differences mu_i - x are
-formed as (mu_i - ctr) - (x - ctr), so their cancellation is relative to the spread of the data,
-not to ||x||. Quadratic forms are clamped to 1e37 and sigma^2 to [FLT_MIN, FLT_MAX], and the online
-update guards the all -inf state, so finite input never yields inf/NaN. The accumulation dtype ACC is
+Numerics (docs/math.md sections 3.1 and 3.2): no float32 number in a logit carries ||x - ctr||^2. The
+training-set kernel's float32 GEMM loses eps ||x - c|| ||x_i - c|| in the chunk's frame c (float64 for
+d <= EXACT_DIM), the row term ||x - c||^2 is exact; the GMM kernel's q is exact. A far query therefore
+keeps the float64 posterior, and log p the float64 value of its dominant term. The accumulators stay
+centred on ``ctr`` (the mean of the points): the score's differences mu_i - x are formed as
+(mu_i - ctr) - (x - ctr), so their cancellation is relative to the spread of the data, not to ||x||.
+Relative quadratic forms are clamped to 1e37 (float64 ones to 1e300) and sigma^2 to [FLT_MIN, FLT_MAX], and
+the online update guards the all -inf state, so finite input never yields inf/NaN. The accumulation dtype ACC is
 float32 (any storage type of x/points; half points halve the traffic) or float64 (float64 inputs;
 ``tl.dot`` then runs in float64, "ieee").
 
@@ -129,7 +136,8 @@ def _delta_partial_kernel(
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        inv_count = 1.0 / tl.minimum(n_hi - n0, BLOCK_N).to(LOGIT)
+        # (A float32 reciprocal: the frame need not be the exact mean, and a float64 division is a call.)
+        inv_count = (1.0 / tl.minimum(n_hi - n0, BLOCK_N).to(tl.float32)).to(LOGIT)
         # 1. In the chunk's frame c (the mean of its points, one d slice at a time from the tile in
         #    registers): dots (x - c)(x_i - c)^T, point norms ||x_i - c||^2 and, exactly in float64,
         #    the row term ||x - c||^2 (docs/math.md section 3.2).
@@ -349,12 +357,14 @@ def _tl_dtype(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
-# Tiles and warps keyed by (float32, B > 16): (BLOCK_B, BLOCK_N, BLOCK_D, warps) for the delta kernel,
+# Tiles and warps keyed by (float32, B > 16): (BLOCK_B, BLOCK_N, BLOCK_D, warps) for the delta kernel
+# (float64 inputs take the float64 entries, float32 inputs with d <= EXACT_DIM _DELTA_EXACT_D_BLOCKS),
 # (BLOCK_B, BLOCK_D, warps) for the GMM kernel (whose mode slices are BLOCK_R <= 32 wide). Chosen from
 # ptxas register reports for sm_90 so that no mode spills (float32: ieee, tf32x3, tf32); not yet tuned
 # by timing on a GPU.
 _DELTA_BLOCKS = {(True, True): (64, 64, 16, 8), (True, False): (16, 64, 16, 4),
-                 (False, True): (16, 32, 16, 4), (False, False): (16, 32, 16, 4)}
+                 (False, True): (16, 32, 16, 8), (False, False): (16, 32, 16, 8)}
+_DELTA_EXACT_D_BLOCKS = (16, 32, 16, 4)
 _GMM_BLOCKS = {(True, True): (32, 16, 8), (True, False): (16, 32, 8),
                (False, True): (16, 16, 8), (False, False): (16, 16, 8)}
 _GMM_MAX_BLOCK_R = 32
@@ -387,10 +397,10 @@ def _delta_plan(x2, points, lw, center, s2, has_lw, acc_dt, precision, splits, b
     """(grid, S, n_per_split, constexprs) of one training-set launch."""
     B, D = x2.shape
     N = points.shape[0]
-    # d <= EXACT_DIM: the chunk's cross terms in float64 (the float64 tiles fit its registers).
-    logit_dt = torch.float64 if acc_dt == torch.float64 or D <= EXACT_DIM else torch.float32
+    exact_d = acc_dt == torch.float32 and D <= EXACT_DIM  # the chunk's cross terms in float64
+    logit_dt = torch.float64 if exact_d else acc_dt
     if blocks is None:
-        blocks = _DELTA_BLOCKS[(logit_dt == torch.float32, B > 16)]
+        blocks = _DELTA_EXACT_D_BLOCKS if exact_d else _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
     bb, bn, bd, warps = blocks
     row_blocks = cdiv(B, bb)
     n_chunks = cdiv(N, bn)
@@ -518,7 +528,7 @@ def aot_cases(full: bool = False):
     stored logits; full-rank score)."""
     def delta(dt, pts, prec, big, exact_d=False):
         f32_logits = dt == "fp32" and not exact_d
-        bb, bn, bd, warps = _DELTA_BLOCKS[(f32_logits, big)]
+        bb, bn, bd, warps = _DELTA_EXACT_D_BLOCKS if exact_d else _DELTA_BLOCKS[(dt == "fp32", big)]
         ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "acc_ptr", "sum_ptr")}
         return _delta_partial_kernel, {"pts_ptr": "*" + pts, **ptrs, "max_ptr": "*fp64",
                                        **dict.fromkeys(("B", "N", "D", "n_per_split"), "i32"),
@@ -541,10 +551,10 @@ def aot_cases(full: bool = False):
         yield delta("fp32", "bf16", "tf32x3", False)
         yield delta("fp32", "fp16", "tf32", True)
         yield delta("fp64", "fp64", "ieee", True)
-        yield delta("fp32", "fp32", "ieee", True, exact_d=True)
         yield gmm("fp32", "tf32x3", True, False, False)
         yield gmm("fp32", "ieee", False, True, True)
         yield gmm("fp64", "ieee", True, False, True)
+        yield delta("fp32", "fp32", "ieee", True, exact_d=True)
         return
     for is_f32, big in _DELTA_BLOCKS:
         if is_f32:
@@ -553,8 +563,8 @@ def aot_cases(full: bool = False):
                     yield delta("fp32", pts, prec, big)
         else:
             yield delta("fp64", "fp64", "ieee", big)
-            for pts in ("fp32", "bf16"):
-                yield delta("fp32", pts, "ieee", big, exact_d=True)
+    for pts in ("fp32", "bf16"):
+        yield delta("fp32", pts, "ieee", True, exact_d=True)
     for is_f32, big in _GMM_BLOCKS:
         for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
             for full_rank, score in ((False, False), (True, True)):
