@@ -1,11 +1,11 @@
-"""Autograd of the mixture ops with respect to x: gradcheck in float64, finite differences in float32, the
-chunked PyTorch VJP (the CUDA path) against the C++ one, constants, and memory flat in N."""
+"""Autograd of the mixture ops with respect to x: gradcheck in float64, finite differences in float32,
+constants, and memory flat in N (the Triton VJP of the CUDA path: test_mixture_vjp_triton.py)."""
 
 import pytest
 import torch
 
 import gsa_kernels as gk
-from gsa_kernels.mixture import ops, vjp_torch
+from gsa_kernels.mixture import ops
 from helpers import gen, random_gmm, rel_err, run_peak_rss_script
 
 SIGMAS = (0.05, 0.7, 5.0)
@@ -84,20 +84,6 @@ def test_log_prob_gradient_is_the_score():
     model = gk.GMM(lw, means, bases, eigvals, lam_perp)
     model.log_prob(x, 0.4).sum().backward()
     assert rel_err(x.grad, model.score(x.detach(), 0.4)) < 1e-6
-
-
-@pytest.mark.parametrize("r", [0, 2, 5])
-def test_chunked_torch_vjp_matches_the_cpu_kernel(r):
-    lw, means, bases, eigvals, lam_perp = _gmm_params(r, K=7)
-    if r == 0:
-        bases = eigvals = None
-    x = means[:4] + 0.5 * torch.randn(4, 5, generator=gen(8), dtype=torch.float64)
-    v = torch.randn(4, 5, generator=gen(9), dtype=torch.float64)
-    sigma = torch.tensor([0.05, 0.3, 1.0, 9.0], dtype=torch.float64)
-    den = ops.gmm_forward(x, lw, means, bases, eigvals, lam_perp, sigma).out
-    want = torch.ops.gsa.gmm_vjp(x, lw, means, bases, eigvals, lam_perp, sigma, den, v, None, 2)
-    got = vjp_torch.mixture_vjp(x, lw, means, bases, eigvals, lam_perp, sigma, den, v)
-    assert rel_err(got, want) < 1e-10
 
 
 def test_parameters_are_constants_and_weights_not_differentiable():
