@@ -275,13 +275,15 @@ def _gmm_vjp_partial_kernel(
 # Launchers.
 
 # Tiles and warps keyed by (float32, B > 16) as the forward's tables: (BLOCK_B, BLOCK_N, BLOCK_D, warps) for
-# the training set, (BLOCK_B, BLOCK_D, warps) for the GMM (mode slices BLOCK_R <= 32). Chosen from ptxas
-# register reports for sm_90 (no spills in any precision mode); not yet tuned by timing on a GPU.
-_DELTA_VJP_BLOCKS = {(True, True): (64, 64, 16, 8), (True, False): (16, 64, 16, 4),
+# the training set, (BLOCK_B, BLOCK_D, warps) for the GMM (mode slices BLOCK_R <= 16: c and w = U^T v both
+# live in registers). Chosen from ptxas register reports for sm_90 so that no precision mode spills (the
+# forward's 64 x 64 training-set tile and 32-mode slices do, with the VJP's second dot product and
+# accumulators); not yet tuned by timing on a GPU.
+_DELTA_VJP_BLOCKS = {(True, True): (64, 32, 16, 8), (True, False): (16, 64, 16, 4),
                      (False, True): (16, 32, 16, 4), (False, False): (16, 32, 16, 4)}
 _GMM_VJP_BLOCKS = {(True, True): (32, 16, 8), (True, False): (16, 32, 8),
                    (False, True): (16, 16, 8), (False, False): (16, 16, 8)}
-_GMM_VJP_MAX_BLOCK_R = 32
+_GMM_VJP_MAX_BLOCK_R = 16
 
 
 def _finish(m, l, acc, v2, s2):
