@@ -5,11 +5,12 @@ streaming pass over the points / components, with the forward's online log-sum-e
     J^T v = E2 + (E0 - (v.E1) E1) / sigma^2,
     E0 = sum_i w_i (v.(D_i - F)) (D_i - F),   E1 = sum_i w_i (D_i - F),   E2 = sum_i w_i A_i v,
 
-with F the forward's denoiser (the frame; so E1 is tiny and nothing large cancels). A program owns a tile
+with F the forward's denoiser (the frame: E1 = D - F is tiny and E0 a sum of small terms). A program owns a tile
 of BLOCK_B rows and a contiguous range of components (its split) and keeps, per row, the running max m and
 sum l of the online softmax and the accumulators E0, E1 (and E2 for the GMM) unnormalised in a workspace
 [S, n_acc B, d] (n_acc = 2 or 3 blocks of B rows sharing m and l). The S partial states are merged exactly
-by the one merge of _core/lse.py (merge_states); the small epilogue above is three elementwise ops.
+by the one merge of _core/lse.py (merge_states); the epilogue above is one row reduction and two
+elementwise ops (three for the GMM).
 
 * ``_delta_vjp_partial_kernel`` (training set, D_i = x_i, A_i = 0). Per chunk of BLOCK_N points: pass 1
   over d forms the logits as the forward does (centred dots by ``tl.dot``) and, with a second ``tl.dot``,
@@ -23,8 +24,8 @@ by the one merge of _core/lse.py (merge_states); the small epilogue above is thr
   then formed elementwise from direct differences (cm, cx, g the forward's denoiser coefficients: 1 - a,
   a, b - a), so no term is a difference of large numbers; A_k v = cx v + U_k (g w).
 
-Extra memory: n_acc S B d + (2 + n_acc) S B numbers (+ 2 S B r for the GMM), S B d <= 2^25 / n_acc: flat
-in the number of points / components. Accumulation in float32 for float32 / half storage, float64 for
+Extra memory: n_acc S B (d + 2) numbers (+ 2 S B r for the GMM) with n_acc S B d <= 2^25 on a GPU: flat in
+the number of points / components. Accumulation in float32 for float32 / half storage, float64 for
 float64 inputs ("ieee" dots). Runs under TRITON_INTERPRET=1 on CPU tensors; gsa_kernels.triton_aot
 compiles the launch configurations below for sm_80 / sm_89 / sm_90.
 """
