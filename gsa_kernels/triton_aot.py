@@ -16,7 +16,8 @@ import json
 import os
 import sys
 
-MODULES = ["gsa_kernels.gaussian.triton_gaussian", "gsa_kernels.mixture.triton_mixture", "gsa_kernels._core.triton_lse"]
+MODULES = ["gsa_kernels.gaussian.triton_gaussian", "gsa_kernels.mixture.triton_mixture",
+           "gsa_kernels.mixture.triton_mixture_vjp", "gsa_kernels._core.triton_lse"]
 # Compute capability -> the most shared memory one block may use (CUDA programming guide, per-SM limits).
 SHARED_BYTES_PER_BLOCK = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DEFAULT_ARCHS = sorted(SHARED_BYTES_PER_BLOCK)

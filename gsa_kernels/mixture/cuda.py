@@ -1,6 +1,6 @@
 """CUDA kernels of the mixture ops, registered with the dispatcher: the Triton kernels of
-triton_mixture.py (float64 inputs run the same kernels in float64). Each kernel runs the one meta check
-of its arguments (meta.py).
+triton_mixture.py and, for the VJP ops, triton_mixture_vjp.py (float64 inputs run the same kernels in
+float64). Each kernel runs the one meta check of its arguments (meta.py).
 """
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import torch
 from .. import config
 from .._core.cache import cached
 from .._validation import check_finite, check_nonneg, values_readable
-from . import meta, vjp_torch
+from . import meta
 from .ops import check_log_weights, mean_of_rows
 
 try:  # Triton is optional on CPU-only installs.
-    from . import triton_mixture
+    from . import triton_mixture, triton_mixture_vjp
 except ImportError:  # pragma: no cover
-    triton_mixture = None
+    triton_mixture = triton_mixture_vjp = None
 
 
 def _need_triton():
@@ -91,17 +91,27 @@ torch.library.register_kernel("gsa::gmm_forward", "cuda")(gmm_forward_cuda)
 torch.library.register_kernel("gsa::delta_mixture_forward", "cuda")(delta_mixture_forward_cuda)
 
 
-# The VJP ops on CUDA: the chunked PyTorch pass of vjp_torch.py (memory flat in K; no Triton kernel yet).
+# The VJP ops on CUDA: one more streaming pass (triton_mixture_vjp.py), memory flat in K.
 def gmm_vjp_cuda(x, log_weights, means, bases, eigvals, lam_perp, sigma, frame, v, center=None, chunk_size=0):
-    meta.check_mixture(x, log_weights, means, bases, eigvals, lam_perp, sigma, center)
+    B, d, _, r = meta.check_mixture(x, log_weights, means, bases, eigvals, lam_perp, sigma, center)
     meta.check_vjp_operands(x, frame, v)
-    return vjp_torch.mixture_vjp(x, log_weights, means, bases, eigvals, lam_perp, sigma, frame, v)
+    _need_triton()
+    _check_values_once(log_weights, eigvals, lam_perp, center)
+    out = triton_mixture_vjp.gmm_vjp(
+        _rows(x, B, d), log_weights, means, bases if r > 0 else None, eigvals if r > 0 else None, lam_perp, sigma,
+        _rows(frame, B, d), _rows(v, B, d), precision=config.kernel_precision(x.device))
+    return _as_x(out, x)
 
 
 def delta_mixture_vjp_cuda(x, points, log_weights, sigma, frame, v, center=None, chunk_size=0):
-    meta.check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
+    B, d, _, _ = meta.check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
     meta.check_vjp_operands(x, frame, v)
-    return vjp_torch.mixture_vjp(x, log_weights, points, None, None, None, sigma, frame, v)
+    _need_triton()
+    _check_values_once(log_weights, center=center)
+    out = triton_mixture_vjp.delta_mixture_vjp(_rows(x, B, d), points, log_weights, _center(center, points), sigma,
+                                               _rows(frame, B, d), _rows(v, B, d),
+                                               precision=config.kernel_precision(x.device))
+    return _as_x(out, x)
 
 
 torch.library.register_kernel("gsa::gmm_vjp", "cuda")(gmm_vjp_cuda)

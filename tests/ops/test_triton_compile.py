@@ -24,7 +24,8 @@ def test_triton_kernels_compile_for_sm80_sm89_sm90():
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = {"_project_scale_kernel", "_reconstruct_kernel", "_delta_partial_kernel", "_gmm_partial_kernel"}
+    expected = {"_project_scale_kernel", "_reconstruct_kernel", "_delta_partial_kernel", "_gmm_partial_kernel",
+                "_delta_vjp_partial_kernel", "_gmm_vjp_partial_kernel"}
     for arch in DEFAULT_ARCHS:
         assert expected <= {r["kernel"] for r in results if r["arch"] == arch}, arch
     for r in results:
