@@ -37,7 +37,7 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, 
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != torch.device(device):
+    if device is not None and t.device != device and t.device != torch.device(device):  # device: may be a str
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
     return t
 

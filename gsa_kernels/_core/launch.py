@@ -23,6 +23,23 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class LaunchPlans(dict):
+    """Launch plans (grids, split counts, constexprs) of one launcher keyed on everything they depend on
+    (shapes, dtypes, flags, precision, device): a repeated call looks its plan up instead of recomputing
+    it. One entry per distinct call signature, cleared past max_entries (a stream of new shapes cannot
+    grow it without bound)."""
+
+    def __init__(self, max_entries: int = 1024):
+        super().__init__()
+        self.max_entries = max_entries
+
+    def remember(self, key, plan):
+        if len(self) >= self.max_entries:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
 _NO_GUARD = contextlib.nullcontext()  # reusable: entering it does nothing
 
 

@@ -18,6 +18,9 @@ except ImportError:  # pragma: no cover
     triton_gaussian = None
 
 
+SIGMA_FLOOR_F32 = sigma_floor(torch.float32)
+
+
 def _sigma_vector(sigma, batch, dtype):
     """sigma as a contiguous [B] vector of `dtype`: itself when it already is one (the models' case)."""
     if sigma.dtype == dtype and sigma.dim() == 1 and sigma.shape[0] == batch:
@@ -54,16 +57,16 @@ def map_cuda(kind: int):
                                  s_a, s_b, full_rank=r == d)
             return out.to(x.dtype).reshape(x.shape)
         # The hot path: parameters as they are when the model already holds contiguous float32 (else a
-        # cached copy), one sigma vector for the maps of one sigma, no other copies.
-        xc = x if x.is_contiguous() else x.contiguous()
-        out = torch.empty_like(xc)
+        # cached copy), one sigma vector for the maps of one sigma, no other copies (and no views for a
+        # contiguous [B, d] x, the model's case).
+        x2 = x if x.dim() == 2 and x.is_contiguous() else x.contiguous().view(batch, d)
+        out = torch.empty_like(x2)
         # sigma_from floored so that sigma^2 stays normal (no 0 / 0 with a zero variance), as in maps.py.
-        s_a = _sigma_vector(sigma_a, batch, torch.float32).clamp_min(sigma_floor(torch.float32))
+        s_a = _sigma_vector(sigma_a, batch, torch.float32).clamp_min(SIGMA_FLOOR_F32)
         s_b = s_a if kind != TELEPORT else _sigma_vector(sigma_b, batch, torch.float32)
-        triton_gaussian.gaussian_map(kind, xc.view(batch, d), _f32(mean), _f32(basis), _f32(eigvals), _f32(lam_perp),
-                                     s_a, s_b,
-                                     out.view(batch, d), config.kernel_precision(x.device))
-        return out
+        triton_gaussian.gaussian_map(kind, x2, _f32(mean), _f32(basis), _f32(eigvals), _f32(lam_perp), s_a, s_b,
+                                     out, config.kernel_precision(x.device))
+        return out if x.dim() == 2 else out.view(x.shape)
 
     return kernel
 
