@@ -23,11 +23,11 @@ def values_readable(t: torch.Tensor, requested: bool = True) -> bool:
     only when `requested` and config.validation is on and no CUDA graph is being captured."""
     if torch.compiler.is_compiling():
         return False
-    if t.device.type == "cpu":
+    if t.is_cpu:  # (is_cpu / is_cuda: a tenth of the host time of t.device.type)
         return True
     if not requested or not config.validation_enabled():
         return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, device=None) -> torch.Tensor:

@@ -29,11 +29,12 @@ class _Entry:
     def __init__(self, refs, versions, value):
         self.refs, self.versions, self.value = refs, versions, value
 
-    def holds(self, sources) -> bool:
+    def holds(self, sources, grad: bool) -> bool:
         """Whether each weak reference still points at its source (not at a freed one's successor at the
-        same address) and the source is unwritten since the entry was made."""
+        same address), the source is unwritten since the entry was made, and (with grad mode on) it
+        does not require grad."""
         for ref, version, t in zip(self.refs, self.versions, sources):
-            if ref() is not t or t._version != version:
+            if ref() is not t or t._version != version or (grad and t.requires_grad):
                 return False
         return True
 
@@ -53,13 +54,16 @@ class DerivedCache:
 
     def get(self, tag, sources: tuple, compute):
         """compute() for these source tensors, from the cache when they are unchanged since it ran."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(sources)):
-            return compute()  # traced, or part of an autograd graph: a cached value would be wrong there
+        if torch.compiler.is_compiling():
+            return compute()  # traced: a cached value would be a constant of the graph
+        grad = torch.is_grad_enabled()
         key = (tag, *map(id, sources))
         entry = self._entries.get(key)
-        if entry is not None and entry.holds(sources):
+        if entry is not None and entry.holds(sources, grad):
             self._entries.move_to_end(key)
             return entry.value
+        if grad and _any_requires_grad(sources):
+            return compute()  # part of an autograd graph: a cached value would cut it
         versions = self._versions(sources)
         if versions is None:
             return compute()
@@ -113,16 +117,6 @@ def as_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cached(("as_contiguous", dtype), (t,), lambda: t.to(dtype).contiguous())
 
 
-def _stream_key(device: torch.device):
-    """What orders the kernels of a call on `device`: the current CUDA stream (None elsewhere: the
-    interpreter runs each launch to completion); False while a CUDA graph is being captured."""
-    if device.type != "cuda":
-        return None
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    return _raw_stream(device.index)
-
-
 try:  # the current stream's handle without building a Stream object (what Triton's launcher reads too)
     _raw_stream = torch._C._cuda_getCurrentRawStream
 except AttributeError:  # pragma: no cover - a build without CUDA
@@ -145,10 +139,14 @@ class Workspaces:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._local = threading.local()
 
-    def get(self, key, device: torch.device, make):
-        stream = None if device.type != "cuda" else _stream_key(device)
-        if stream is False:
-            return make()
+    def get(self, key, like: torch.Tensor, make):
+        """make() or the scratch tensors it made for `key` on an earlier call, for kernels that run on the
+        device (and current stream) of `like`."""
+        stream = None  # off CUDA each launch runs to completion (the interpreter)
+        if like.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return make()
+            stream = _raw_stream(like.get_device())
         entries = getattr(self._local, "entries", None)
         if entries is None:
             entries = self._local.entries = OrderedDict()

@@ -189,7 +189,7 @@ def gaussian_map(map_id: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch
         plan = _PLANS.remember(key, _map_plan(map_id, B, D, R, precision))
     (grid_p, consts_p), (grid_r, consts_r) = plan
     # g: the [B, r] scaled projection between the two launches (a reused scratch tensor).
-    g, = workspaces.get(("gaussian g", B, R, dev), dev,
+    g, = workspaces.get(("gaussian g", B, R, dev), x2,
                         lambda: (torch.empty((B, R), dtype=torch.float32, device=dev),))
     with device_guard(x2):
         _project_scale_kernel[grid_p](x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b, g, B, D, R, **consts_p)

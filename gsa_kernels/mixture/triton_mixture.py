@@ -378,7 +378,7 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
     grid, S, n_per_split, consts = plan
     # The partial states: scratch tensors reused between calls of this signature (the kernel writes m and l
     # and accumulates into acc, zeroed here).
-    acc, m, l = workspaces.get(key, dev, lambda: (torch.empty((S, B, D), dtype=acc_dt, device=dev),
+    acc, m, l = workspaces.get(key, x2, lambda: (torch.empty((S, B, D), dtype=acc_dt, device=dev),
                                                   torch.empty((S, B), dtype=acc_dt, device=dev),
                                                   torch.empty((S, B), dtype=acc_dt, device=dev)))
     acc.zero_()
@@ -448,7 +448,7 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
     # Scratch tensors reused between calls of this signature: the partial states (the kernel writes m, l,
     # x_sum and accumulates into acc, zeroed here), the logits and the c scratch.
     acc, m, l, x_sum, logits, c_scratch = workspaces.get(
-        key, dev, lambda: _gmm_workspace(S, B, D, K, R, return_weights, acc_dt, dev))
+        key, x2, lambda: _gmm_workspace(S, B, D, K, R, return_weights, acc_dt, dev))
     acc.zero_()
     if B > 0:
         with device_guard(x2):
