@@ -162,6 +162,10 @@ class Workspaces:
                 entries.popitem(last=False)
         return tensors
 
+    def held(self) -> list:
+        """This thread's kept scratch tensors, most recently used last."""
+        return [t for tensors in getattr(self._local, "entries", {}).values() for t in tensors]
+
     def clear(self) -> None:
         """Drop this thread's scratch tensors."""
         self._local.entries = OrderedDict()

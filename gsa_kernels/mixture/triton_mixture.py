@@ -56,7 +56,7 @@ import triton.language as tl
 from .._core.cache import as_contiguous, workspaces
 from .._core.dtypes import compute_dtype
 from .._core.launch import LaunchPlans, cdiv, device_guard, split_count
-from .._core.lse import merge_mixture
+from .._core.triton_lse import merge  # the Triton kernel of _core.lse.merge_mixture
 
 FLT_MIN = torch.finfo(torch.float32).tiny
 FLT_MAX = torch.finfo(torch.float32).max
@@ -386,8 +386,8 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
         with device_guard(x2):
             _delta_partial_kernel[grid](x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split, **consts)
     # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2); one launch.
-    out, log_z, _, _ = merge_mixture(m, l, acc, -l if score else None, x2, center, s2, add_ctr=not score,
-                                     divide_by_s2=score, log_norm_scale=0.5 * D, kernel=True)
+    out, log_z, _, _ = merge(m, l, acc, -l if score else None, x2, center, s2, add_ctr=not score,
+                             divide_by_s2=score, log_norm_scale=0.5 * D, stats=False)
     return out, log_z
 
 
@@ -455,9 +455,8 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
             _gmm_partial_kernel[grid](
                 x2, means, bases_c, eig_c, lp_c, lw_c, center, s2,
                 acc, m, l, x_sum, logits, c_scratch, B, K, D, R, k_per_split, **consts)
-    out, log_z, shift, inv_w = merge_mixture(m, l, acc, x_sum, x2, center, s2, add_ctr=not score,
-                                             divide_by_s2=False, log_norm_scale=0.5 * D, stats=return_weights,
-                                             kernel=True)
+    out, log_z, shift, inv_w = merge(m, l, acc, x_sum, x2, center, s2, add_ctr=not score, divide_by_s2=False,
+                                     log_norm_scale=0.5 * D, stats=return_weights)
     # exp(logit - M) / W rather than exp(logit - log_z): M is one of the logits (exact difference).
     weights = (torch.exp(logits - shift[:, None]) * inv_w[:, None] if return_weights
                else acc.new_empty(0))
