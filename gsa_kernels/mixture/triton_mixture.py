@@ -317,12 +317,12 @@ _GMM_MAX_BLOCK_R = 32
 
 
 def clamped_sigma_sq(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """sigma^2 clamped to [FLT_MIN, FLT_MAX] as a contiguous [batch] vector: two ops for a [batch] sigma."""
+    """sigma^2 clamped to [FLT_MIN, FLT_MAX] as a contiguous [batch] vector: two ops (a scalar or [1] sigma
+    is expanded first, a view: the product writes the dense vector)."""
     s = sigma if sigma.dtype == dtype else sigma.to(dtype)
-    s2 = (s * s).clamp_(FLT_MIN, FLT_MAX)
-    if s2.dim() != 1 or s2.shape[0] != batch:
-        s2 = s2.reshape(-1).expand(batch).contiguous()
-    return s2
+    if s.dim() != 1 or s.shape[0] != batch:
+        s = s.expand(batch)
+    return (s * s).clamp_(FLT_MIN, FLT_MAX)
 
 
 # Launch plans of both launchers (grid, split, constants per call signature).

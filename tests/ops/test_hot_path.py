@@ -220,6 +220,30 @@ def test_reused_scratch_tensors_are_rewritten_every_call():
     assert cache_mod.workspaces.held()  # the calls did keep scratch tensors
 
 
+@interpreter_only
+@pytest.mark.parametrize("shape", [(), (1,), (3,)])
+@pytest.mark.parametrize("sigma_dtype", [torch.float32, torch.float64])
+def test_cuda_wrappers_take_scalar_one_and_per_row_sigma_tensors(shape, sigma_dtype):
+    """The sigma vector the kernels get (floored sigma, sigma^2) from every accepted sigma shape and dtype,
+    with the fewest ops: the same answer as a [B] float32 sigma, within float32 of the float64 reference."""
+    from gsa_kernels.gaussian import cuda as gcuda
+    from gsa_kernels.gaussian import reference as R
+
+    cuda = _mixture_cuda()
+    mean, basis, eig, lp = random_gaussian(20, 5, seed=7)
+    f32 = [t.float() for t in (mean, basis, eig, lp)]
+    pts = close_points(30, 20, offset=1.0, spread=1.0).float()
+    x = queries(pts.double(), 3, 0.4).float()
+    values = torch.tensor([0.4, 0.4, 0.4])[:shape[0]] if shape else torch.tensor(0.4)
+    sigma = values.to(sigma_dtype)
+    out = gcuda.map_cuda(DENOISE)(x, *f32, sigma)
+    assert rel_err(out, R.gaussian_denoise(x.double(), mean, basis, eig, lp, 0.4)) < 1e-5
+    d_out, log_z = cuda.delta_mixture_forward_cuda(x, pts, None, sigma)
+    assert rel_err(d_out, MR.delta_mixture_denoise(x.double(), pts.double(), None, 0.4)) < 1e-5
+    _, ref_log_z = cuda.delta_mixture_forward_cuda(x, pts, None, torch.full((3,), 0.4))
+    assert torch.equal(log_z, ref_log_z)
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision modes.
 def test_auto_precision_is_tf32x3_on_tensor_cores_only():
