@@ -4,6 +4,8 @@ unfused PyTorch maps (maps.py). Each kernel runs the one meta check of its argum
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import config
@@ -33,8 +35,8 @@ def _sigma_vector(sigma, batch, dtype, floor=None):
     return s if s.is_contiguous() else s.contiguous()
 
 
-def _f32(t):
-    return as_contiguous(t, torch.float32)
+# t itself when contiguous float32, else a cached copy (a partial: no Python frame of its own per call).
+_f32 = functools.partial(as_contiguous, dtype=torch.float32)
 
 
 def project_cuda(x, mean, basis):

@@ -117,7 +117,7 @@ def test_merge_path_issues_no_matmul_under_tf32_flags():
 # Python function calls). Each PyTorch op is a kernel launch or an allocator call on a GPU -- denoise: the
 # output and the floored sigma; the mixtures: sigma^2 (2 ops), zeroing the reused accumulator, the
 # merge's two outputs, for GMM the empty weights. Scratch tensors are reused, launch plans are looked up.
-HOST_CEILINGS = {"denoise": (2, 2, 40), "delta_mixture_forward": (5, 3, 50), "gmm_forward": (6, 4, 58)}
+HOST_CEILINGS = {"denoise": (2, 2, 36), "delta_mixture_forward": (5, 3, 48), "gmm_forward": (6, 4, 56)}
 
 
 def test_stubbed_cuda_path_stays_within_its_host_work_ceilings():
