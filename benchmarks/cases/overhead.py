@@ -164,11 +164,12 @@ def host_counts(fn) -> dict:
         nonlocal calls
         calls += event == "call"
 
+    previous = sys.getprofile()
     sys.setprofile(count)
     try:
         fn()
     finally:
-        sys.setprofile(None)
+        sys.setprofile(previous)
     return {"torch_ops": rec.ops, "allocations": rec.allocations, "python_calls": calls - 1}  # less fn itself
 
 
