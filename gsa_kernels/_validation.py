@@ -23,11 +23,11 @@ def values_readable(t: torch.Tensor, requested: bool = True) -> bool:
     only when `requested` and config.validation is on and no CUDA graph is being captured."""
     if torch.compiler.is_compiling():
         return False
-    if t.device.type == "cpu":
+    if t.is_cpu:  # (is_cpu / is_cuda: a tenth of the host time of t.device.type)
         return True
     if not requested or not config.validation_enabled():
         return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, device=None) -> torch.Tensor:
@@ -37,7 +37,7 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, 
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != torch.device(device):
+    if device is not None and t.device != device and t.device != torch.device(device):  # device: may be a str
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
     return t
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
 
 import torch
 from gsa_kernels.gaussian.map_kind import DENOISE
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..harness.environment import sync
 from ..harness.run import RunOptions
@@ -126,6 +129,50 @@ def stubbed_cuda_calls(d: int, device, seed: int = 0) -> dict:
     }
 
 
+# The project's host-time targets per call at B = 1 with the launch stubbed (Python and dispatch, CPU
+# tensors): what the GPU path adds to a call besides its kernel launches.
+HOST_TARGET_S = {"denoise": 15e-6, "delta_mixture_forward": 25e-6, "gmm_forward": 25e-6}
+
+
+class TorchOpRecorder(TorchDispatchMode):
+    """The PyTorch ops (by name) a piece of code issues and how many of them allocate (return a tensor
+    whose storage none of their inputs has): on a GPU each op is a kernel launch or an allocator call."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+        self.allocations = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func.overloadpacket.__name__)
+        held = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.allocations += sum(1 for t in tree_leaves(out)
+                                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held)
+        return out
+
+
+def host_counts(fn) -> dict:
+    """One call of fn (caches already warm): the PyTorch ops it issues, how many allocate, and how many
+    Python functions it calls -- host work that, unlike its microseconds, does not depend on the load of
+    the machine."""
+    with TorchOpRecorder() as rec:
+        fn()
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    previous = sys.getprofile()
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(previous)
+    return {"torch_ops": rec.ops, "allocations": rec.allocations, "python_calls": calls - 1}  # less fn itself
+
+
 def run(opts: RunOptions, ops=OPS) -> list[dict]:
     from gsa_kernels import GaussianModel, config
     from gsa_kernels.gaussian import reference
@@ -160,8 +207,11 @@ def run(opts: RunOptions, ops=OPS) -> list[dict]:
         with stubbed_triton_launch():
             for op, fn in stubbed_cuda_calls(d, device, opts.seed).items():
                 host, latency = _host_and_latency(fn, device, calls)
+                counts = host_counts(fn)
+                note = (f"{len(counts['torch_ops'])} PyTorch ops ({counts['allocations']} allocating), "
+                        f"{counts['python_calls']} Python calls per call; target <= {HOST_TARGET_S[op] * 1e6:.0f} us")
                 rows.append(_row(d, "cuda kernel, launch stubbed", "gsa", op=op, config_str=f"{op}, d={d}",
-                                 host_s=host, median_s=latency))
+                                 host_s=host, median_s=latency, note=note))
         rows.append(_row(d, "cuda graph replay", "gsa", status="skipped", reason="CUDA graphs need a GPU"))
     return rows
 

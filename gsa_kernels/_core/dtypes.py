@@ -11,7 +11,10 @@ import torch
 
 def compute_dtype(*tensors) -> torch.dtype:
     """float64 if any given tensor is float64, else float32 (None and non-tensor entries are skipped)."""
-    return torch.float64 if any(getattr(t, "dtype", None) == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:  # a plain loop: this runs on every call of every op
+        if getattr(t, "dtype", None) is torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def sigma_floor(dtype: torch.dtype) -> float:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, device_guard
+from .launch import LaunchPlans, cdiv, device_guard
 
 LOG2PI = tl.constexpr(math.log(2 * math.pi))
 BLOCK_S = 4      # states per step of the loop over S
@@ -98,6 +98,17 @@ def _tl_dtype(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
+_PLANS = LaunchPlans()
+
+
+def _merge_plan(S, B, D, dt, has_x, has_ctr, add_ctr, divide_by_s2, log_norm, stats):
+    """(grid, n_tiles, constexprs) of one merge launch."""
+    n_tiles = cdiv(D, BLOCK_D)
+    return (B * n_tiles,), n_tiles, dict(
+        HAS_X=has_x, HAS_CTR=has_ctr, ADD_CTR=add_ctr, DIV_S2=divide_by_s2, LOG_NORM=log_norm,
+        WRITE_STATS=stats, ACC=_tl_dtype(dt), BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+
+
 def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Tensor | None = None,
           x: torch.Tensor | None = None, ctr: torch.Tensor | None = None, s2: torch.Tensor | None = None, *,
           add_ctr: bool = False, divide_by_s2: bool = False, log_norm_scale: float = 0.0,
@@ -107,23 +118,23 @@ def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Ten
     in acc's dtype. Epilogue: ctr added to out (add_ctr), out / s2 (divide_by_s2, s2 [B]),
     log_w - log_norm_scale (log 2 pi + log s2) (log_norm_scale != 0). Inputs must be contiguous."""
     S, B, D = acc.shape
-    dev, dt = acc.device, acc.dtype
-    out = torch.empty((B, D), dtype=dt, device=dev)
-    log_w = torch.empty((B,), dtype=dt, device=dev)
-    # shift in m's dtype: float64 maxima stay exact for exp(logit - shift) downstream.
-    shift, inv_w = ((torch.empty((B,), dtype=m.dtype, device=dev), torch.empty((B,), dtype=dt, device=dev)) if stats
-                    else (None, None))
     has_x = x_coef is not None
-    n_tiles = cdiv(D, BLOCK_D)
+    key = (S, B, D, acc.dtype, has_x, ctr is not None, add_ctr, divide_by_s2, log_norm_scale != 0.0, stats)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.remember(key, _merge_plan(*key))
+    grid, n_tiles, consts = plan
+    # new_empty with the sizes as separate ints: the cheapest allocation call on the host.
+    out = acc.new_empty(B, D)
+    log_w = acc.new_empty(B)
+    # shift in m's dtype: float64 maxima stay exact for exp(logit - shift) downstream.
+    shift, inv_w = (m.new_empty(B), acc.new_empty(B)) if stats else (None, None)
     if B > 0:
         with device_guard(acc):
-            _merge_kernel[(B * n_tiles,)](
+            _merge_kernel[grid](
                 m, l, acc, x_coef if has_x else m, x if has_x else acc, ctr if ctr is not None else m,
                 s2 if s2 is not None else m, out, log_w, shift if stats else log_w, inv_w if stats else log_w,
-                S, B, D, n_tiles, float(log_norm_scale),
-                HAS_X=has_x, HAS_CTR=ctr is not None, ADD_CTR=add_ctr, DIV_S2=divide_by_s2,
-                LOG_NORM=log_norm_scale != 0.0, WRITE_STATS=stats, ACC=_tl_dtype(dt),
-                BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+                S, B, D, n_tiles, float(log_norm_scale), **consts)
     return out, log_w, shift, inv_w
 
 

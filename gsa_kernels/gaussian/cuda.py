@@ -4,6 +4,8 @@ unfused PyTorch maps (maps.py). Each kernel runs the one meta check of its argum
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import config
@@ -18,15 +20,23 @@ except ImportError:  # pragma: no cover
     triton_gaussian = None
 
 
-def _sigma_vector(sigma, batch, dtype):
-    """sigma as a contiguous [B] vector of `dtype`: itself when it already is one (the models' case)."""
-    if sigma.dtype == dtype and sigma.dim() == 1 and sigma.shape[0] == batch:
-        return sigma if sigma.is_contiguous() else sigma.contiguous()
-    return sigma.to(dtype).reshape(-1).expand(batch).contiguous()
+SIGMA_FLOOR_F32 = sigma_floor(torch.float32)
 
 
-def _f32(t):
-    return as_contiguous(t, torch.float32)
+def _sigma_vector(sigma, batch, dtype, floor=None):
+    """sigma as a contiguous [B] vector of `dtype` (floored at `floor` if given): itself when it already is
+    one and no floor is asked for; else one op for a [B] sigma of `dtype` (the models' case), two for a
+    scalar or [1] sigma (an expanded view, then the op that writes the vector)."""
+    s = sigma if sigma.dtype == dtype else sigma.to(dtype)
+    if s.dim() != 1 or s.shape[0] != batch:
+        s = s.expand(batch)
+    if floor is not None:
+        return s.clamp_min(floor)  # a new dense [B] vector, also from an expanded view
+    return s if s.is_contiguous() else s.contiguous()
+
+
+# t itself when contiguous float32, else a cached copy (a partial: no Python frame of its own per call).
+_f32 = functools.partial(as_contiguous, dtype=torch.float32)
 
 
 def project_cuda(x, mean, basis):
@@ -54,16 +64,16 @@ def map_cuda(kind: int):
                                  s_a, s_b, full_rank=r == d)
             return out.to(x.dtype).reshape(x.shape)
         # The hot path: parameters as they are when the model already holds contiguous float32 (else a
-        # cached copy), one sigma vector for the maps of one sigma, no other copies.
-        xc = x if x.is_contiguous() else x.contiguous()
-        out = torch.empty_like(xc)
+        # cached copy), one sigma vector for the maps of one sigma, no other copies (and no views for a
+        # contiguous [B, d] x, the model's case).
+        x2 = x if x.dim() == 2 and x.is_contiguous() else x.contiguous().view(batch, d)
+        out = torch.empty_like(x2)
         # sigma_from floored so that sigma^2 stays normal (no 0 / 0 with a zero variance), as in maps.py.
-        s_a = _sigma_vector(sigma_a, batch, torch.float32).clamp_min(sigma_floor(torch.float32))
+        s_a = _sigma_vector(sigma_a, batch, torch.float32, SIGMA_FLOOR_F32)
         s_b = s_a if kind != TELEPORT else _sigma_vector(sigma_b, batch, torch.float32)
-        triton_gaussian.gaussian_map(kind, xc.view(batch, d), _f32(mean), _f32(basis), _f32(eigvals), _f32(lam_perp),
-                                     s_a, s_b,
-                                     out.view(batch, d), config.kernel_precision(x.device))
-        return out
+        triton_gaussian.gaussian_map(kind, x2, _f32(mean), _f32(basis), _f32(eigvals), _f32(lam_perp), s_a, s_b,
+                                     out, config.kernel_precision(x.device))
+        return out if x.dim() == 2 else out.view(x.shape)
 
     return kernel
 

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.launch import cdiv, device_guard
+from .._core.cache import workspaces
+from .._core.launch import LaunchPlans, cdiv, device_guard
 from . import map_kind
 
 # The map ids (map_kind.py) as constants the kernels can read (compiled Triton reads constexpr globals).
@@ -147,6 +148,22 @@ def project(x2: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, precision
     return out
 
 
+_PLANS = LaunchPlans()
+
+
+def _map_plan(map_id: int, B: int, D: int, R: int, precision: str):
+    """(grid, constexprs) of the two launches of one map call."""
+    bb, br, bd = _blocks(B)
+    row_tiles = cdiv(B, bb)
+    full_rank = R == D
+    project_scale = ((row_tiles * cdiv(R, br),),
+                     dict(MAP=map_id, FULL_RANK=full_rank, PRECISION=precision, BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd))
+    reconstruct = ((row_tiles * cdiv(D, RECONSTRUCT_BLOCK_D),),
+                   dict(MAP=map_id, FULL_RANK=full_rank, ADD_MEAN=map_id != map_kind.SCORE, PRECISION=precision,
+                        BLOCK_B=bb, BLOCK_D=RECONSTRUCT_BLOCK_D, BLOCK_R=RECONSTRUCT_BLOCK_R))
+    return project_scale, reconstruct
+
+
 def gaussian_map(map_id: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, eigvals: torch.Tensor,
                  lam_perp: torch.Tensor, sigma_a: torch.Tensor, sigma_b: torch.Tensor,
                  out: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
@@ -156,24 +173,27 @@ def gaussian_map(map_id: int, x2: torch.Tensor, mean: torch.Tensor, basis: torch
     basis [d, r], eigvals [r], lam_perp (one element), and sigma_a, sigma_b [B] (the same tensor twice for the maps
     of one sigma). The CUDA kernels (cuda.py) pass them so without copies on the hot path.
     """
-    for name, t in (("x2", x2), ("mean", mean), ("basis", basis), ("eigvals", eigvals), ("lam_perp", lam_perp),
-                    ("sigma_a", sigma_a), ("sigma_b", sigma_b), ("out", out)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    if not (x2.is_contiguous() and mean.is_contiguous() and basis.is_contiguous() and eigvals.is_contiguous()
+            and lam_perp.is_contiguous() and sigma_a.is_contiguous() and sigma_b.is_contiguous()
+            and out.is_contiguous()):
+        for name, t in (("x2", x2), ("mean", mean), ("basis", basis), ("eigvals", eigvals), ("lam_perp", lam_perp),
+                        ("sigma_a", sigma_a), ("sigma_b", sigma_b), ("out", out)):
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
     B, D = x2.shape
     R = basis.shape[1]
-    full_rank = R == D
-    g = torch.empty((B, R), dtype=torch.float32, device=x2.device)
-    bb, br, bd = _blocks(B)
-    row_tiles = cdiv(B, bb)
+    dev = x2.device
+    key = (map_id, B, D, R, precision)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.remember(key, _map_plan(map_id, B, D, R, precision))
+    (grid_p, consts_p), (grid_r, consts_r) = plan
+    # g: the [B, r] scaled projection between the two launches (a reused scratch tensor).
+    g, = workspaces.get(("gaussian g", B, R, dev), x2,
+                        lambda: (torch.empty((B, R), dtype=torch.float32, device=dev),))
     with device_guard(x2):
-        _project_scale_kernel[(row_tiles * cdiv(R, br),)](
-            x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b, g, B, D, R,
-            MAP=map_id, FULL_RANK=full_rank, PRECISION=precision, BLOCK_B=bb, BLOCK_R=br, BLOCK_D=bd)
-        _reconstruct_kernel[(row_tiles * cdiv(D, RECONSTRUCT_BLOCK_D),)](
-            x2, mean, basis, g, lam_perp, sigma_a, sigma_b, out, B, D, R,
-            MAP=map_id, FULL_RANK=full_rank, ADD_MEAN=map_id != map_kind.SCORE, PRECISION=precision,
-            BLOCK_B=bb, BLOCK_D=RECONSTRUCT_BLOCK_D, BLOCK_R=RECONSTRUCT_BLOCK_R)
+        _project_scale_kernel[grid_p](x2, mean, basis, eigvals, lam_perp, sigma_a, sigma_b, g, B, D, R, **consts_p)
+        _reconstruct_kernel[grid_r](x2, mean, basis, g, lam_perp, sigma_a, sigma_b, out, B, D, R, **consts_r)
     return out
 
 

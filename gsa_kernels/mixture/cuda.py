@@ -32,7 +32,7 @@ def _as_x(out, x):
     """The kernel's [B, d] output in x's dtype and shape (no op when they already match)."""
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
-    return out if out.shape == x.shape else out.reshape(x.shape)
+    return out if x.dim() == 2 else out.reshape(x.shape)
 
 
 def _center(center, points):
@@ -42,28 +42,29 @@ def _center(center, points):
     return cached("mean_of_rows", (points,), lambda: mean_of_rows(points))
 
 
+def _check_values(log_weights, eigvals, lam_perp, center) -> bool:
+    if log_weights is not None:
+        check_log_weights(log_weights)
+    for name, t in (("eigvals", eigvals), ("lam_perp", lam_perp)):
+        if t is not None:
+            check_nonneg(name, t)
+    if center is not None:
+        check_finite("center", center)
+    return True
+
+
 def _check_values_once(log_weights, eigvals=None, lam_perp=None, center=None) -> None:
     """What the CPU op rejects by value (NaN / +inf / all -inf log-weights, negative or non-finite
     variances, a non-finite centre), checked on the first call with each set of parameter tensors and then
     never again while they are unchanged (one cache entry keyed on their version counters): one device sync
     per new parameter set, none per call. Skipped where values are not readable (config.validation off,
     torch.compile, CUDA-graph capture); sigma is checked by the public functions (numbers) or on request."""
-    named = tuple((name, t) for name, t in (("log_weights", log_weights), ("eigvals", eigvals),
-                                             ("lam_perp", lam_perp), ("center", center)) if t is not None)
-    if not named or not values_readable(named[0][1]):
+    sources = [t for t in (log_weights, eigvals, lam_perp, center) if t is not None]
+    if not sources or not values_readable(sources[0]):
         return
-
-    def check():
-        for name, t in named:
-            if name == "log_weights":
-                check_log_weights(t)
-            elif name == "center":
-                check_finite(name, t)
-            else:
-                check_nonneg(name, t)
-        return True
-
-    cached(("values checked",) + tuple(name for name, _ in named), tuple(t for _, t in named), check)
+    # The tag tells which argument each source is (a tensor checked as one is not checked as another).
+    tag = ("values checked", log_weights is not None, eigvals is not None, lam_perp is not None)
+    cached(tag, sources, lambda: _check_values(log_weights, eigvals, lam_perp, center))
 
 
 def gmm_forward_cuda(x, log_weights, means, bases, eigvals, lam_perp, sigma, center=None, score=False,

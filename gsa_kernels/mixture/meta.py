@@ -22,10 +22,10 @@ def check_components(log_weights, means, bases=None, eigvals=None, lam_perp=None
     """(d, K, r) of valid mixture components; d and device (from x) are checked when given."""
     check_tensor(means_name, means, ndim=2, dtypes=dtypes, device=device)
     device = means.device
-    K = means.shape[0]
-    if d is not None and means.shape[1] != d:
+    K, d_means = means.shape
+    if d is not None and d_means != d:
         raise ValueError(f"{means_name} must have shape [K, d] with d = {d} (from x), got {tuple(means.shape)}")
-    d = means.shape[1]
+    d = d_means
     if K == 0:
         raise ValueError(f"{means_name} must hold at least one component (K >= 1), got K = 0")
     if d == 0:
@@ -40,13 +40,13 @@ def check_components(log_weights, means, bases=None, eigvals=None, lam_perp=None
     r = 0
     if bases is not None:
         check_tensor("bases", bases, ndim=3, dtypes=dtypes, device=device)
-        if bases.shape[0] != K or bases.shape[1] != d:
+        k_bases, d_bases, r = bases.shape
+        if k_bases != K or d_bases != d:
             raise ValueError(f"bases must have shape [K, d, r] = [{K}, {d}, r], got {tuple(bases.shape)}")
-        r = bases.shape[2]
         if r > d:
             raise ValueError(f"bases must have r <= d = {d}, got r = {r}")
         check_tensor("eigvals", eigvals, ndim=2, dtypes=dtypes, device=device)
-        if tuple(eigvals.shape) != (K, r):
+        if eigvals.shape != (K, r):
             raise ValueError(f"eigvals must have shape [K, r] = [{K}, {r}], got {tuple(eigvals.shape)}")
     if lam_perp is not None:
         check_tensor("lam_perp", lam_perp, ndim=1, dtypes=dtypes, device=device)
@@ -61,10 +61,11 @@ def check_mixture(x, log_weights, means, bases, eigvals, lam_perp, sigma, center
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 2:
         raise ValueError(f"x must have shape [B, ...] with at least one data dimension, got {tuple(x.shape)}")
+    device = x.device
     d, K, r = check_components(log_weights, means, bases, eigvals, lam_perp, means_name=means_name,
-                               d=math.prod(x.shape[1:]), device=x.device)
+                               d=x.shape[1] if x.dim() == 2 else math.prod(x.shape[1:]), device=device)
     if center is not None:
-        check_tensor("center", center, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+        check_tensor("center", center, ndim=1, dtypes=FLOAT_DTYPES, device=device)
         if center.shape[0] != d:
             raise ValueError(f"center must have shape [d] = [{d}], got {tuple(center.shape)}")
     check_sigma_meta("sigma", sigma, x)

@@ -60,10 +60,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.cache import as_contiguous
+from .._core.cache import as_contiguous, workspaces
 from .._core.dtypes import compute_dtype
-from .._core.launch import cdiv, device_guard, split_count
-from .._core.lse import merge_mixture
+from .._core.launch import LaunchPlans, cdiv, device_guard, split_count
+from .._core.triton_lse import merge  # the Triton kernel of _core.lse.merge_mixture
 
 FLT_MIN = torch.finfo(torch.float32).tiny
 FLT_MAX = torch.finfo(torch.float32).max
@@ -371,26 +371,17 @@ _GMM_MAX_BLOCK_R = 32
 
 
 def clamped_sigma_sq(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
-    """sigma^2 clamped to [FLT_MIN, FLT_MAX] as a contiguous [batch] vector: two ops for a [batch] sigma."""
+    """sigma^2 clamped to [FLT_MIN, FLT_MAX] as a contiguous [batch] vector: two ops (a scalar or [1] sigma
+    is expanded first, a view: the product writes the dense vector)."""
     s = sigma if sigma.dtype == dtype else sigma.to(dtype)
-    s2 = (s * s).clamp_(FLT_MIN, FLT_MAX)
-    if s2.dim() != 1 or s2.shape[0] != batch:
-        s2 = s2.reshape(-1).expand(batch).contiguous()
-    return s2
+    if s.dim() != 1 or s.shape[0] != batch:
+        s = s.expand(batch)
+    return (s * s).clamp_(FLT_MIN, FLT_MAX)
 
 
-# Launch plans keyed on everything they depend on (shapes, dtypes, flags, precision, device): a repeated
-# call looks its grid, split and constants up instead of recomputing them. Small: one entry per distinct
-# call signature (cleared past MAX_PLANS, so a stream of new shapes cannot grow it without bound).
-_PLANS: dict = {}
-MAX_PLANS = 1024
-
-
-def _remember(key, plan):
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
+# Launch plans of both launchers (grid, split, constants per call signature).
+_PLANS = LaunchPlans()
+_remember = _PLANS.remember
 
 
 def _delta_plan(x2, points, lw, center, s2, has_lw, acc_dt, precision, splits, blocks):
@@ -441,17 +432,31 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
         plan = _remember(key, _delta_plan(x2, points, lw, center, s2, log_weights is not None, acc_dt, precision,
                                           splits, blocks))
     grid, S, n_per_split, consts = plan
-    # Three allocations, not one split into views: on the host a view costs as much as an allocation.
-    acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
-    m = torch.empty((S, B), dtype=torch.float64, device=dev)  # float64 logits (docs/math.md section 3.2)
-    l = torch.empty((S, B), dtype=acc_dt, device=dev)
+    # The partial states: scratch tensors reused between calls of this signature (the kernel writes m and l
+    # and accumulates into acc, zeroed here).
+    acc, m, l = workspaces.get(key, x2, lambda: (torch.empty((S, B, D), dtype=acc_dt, device=dev),
+                                                  # float64 logits (docs/math.md section 3.2)
+                                                  torch.empty((S, B), dtype=torch.float64, device=dev),
+                                                  torch.empty((S, B), dtype=acc_dt, device=dev)))
+    acc.zero_()
     if B > 0:
         with device_guard(x2):
             _delta_partial_kernel[grid](x2, points, lw, center, s2, acc, m, l, B, N, D, n_per_split, **consts)
     # acc holds sum p (x_i - ctr): D - ctr = acc / W, score = (acc - W (x - ctr)) / (W sigma^2); one launch.
-    out, log_z, _, _ = merge_mixture(m, l, acc, -l if score else None, x2, center, s2, add_ctr=not score,
-                                     divide_by_s2=score, log_norm_scale=0.5 * D, kernel=True)
+    out, log_z, _, _ = merge(m, l, acc, -l if score else None, x2, center, s2, add_ctr=not score,
+                             divide_by_s2=score, log_norm_scale=0.5 * D, stats=False)
     return out, log_z
+
+
+def _gmm_workspace(S, B, D, K, R, return_weights, acc_dt, dev):
+    """(acc, m, l, x_sum, logits, c scratch) of one GMM launch; pointers the kernel does not touch (no
+    stored logits, no bases) get a live buffer, not an allocation."""
+    acc = torch.empty((S, B, D), dtype=acc_dt, device=dev)
+    m = torch.empty((S, B), dtype=torch.float64, device=dev)  # float64 logits (docs/math.md section 3.2)
+    l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(2))
+    logits = torch.empty((B, K), dtype=torch.float64, device=dev) if return_weights else m
+    c_scratch = torch.empty((S, B, R), dtype=acc_dt, device=dev) if R > 0 else m
+    return acc, m, l, x_sum, logits, c_scratch
 
 
 def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, bases: torch.Tensor | None,
@@ -499,20 +504,18 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
         k_per_split = cdiv(K, S)
         plan = _remember(key, ((row_blocks, cdiv(K, k_per_split)), cdiv(K, k_per_split), k_per_split, consts))
     grid, S, k_per_split, consts = plan
-    acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
-    m = torch.empty((S, B), dtype=torch.float64, device=dev)  # float64 logits (docs/math.md section 3.2)
-    l, x_sum = (torch.empty((S, B), dtype=acc_dt, device=dev) for _ in range(2))
-    # Pointers the kernel does not touch (no stored logits, no bases) get a live buffer, not an allocation.
-    logits = torch.empty((B, K), dtype=torch.float64, device=dev) if return_weights else m
-    c_scratch = torch.empty((S, B, R), dtype=acc_dt, device=dev) if R > 0 else m
+    # Scratch tensors reused between calls of this signature: the partial states (the kernel writes m, l,
+    # x_sum and accumulates into acc, zeroed here), the logits and the c scratch.
+    acc, m, l, x_sum, logits, c_scratch = workspaces.get(
+        key, x2, lambda: _gmm_workspace(S, B, D, K, R, return_weights, acc_dt, dev))
+    acc.zero_()
     if B > 0:
         with device_guard(x2):
             _gmm_partial_kernel[grid](
                 x2, means, bases_c, eig_c, lp_c, lw_c, center, s2,
                 acc, m, l, x_sum, logits, c_scratch, B, K, D, R, k_per_split, **consts)
-    out, log_z, shift, inv_w = merge_mixture(m, l, acc, x_sum, x2, center, s2, add_ctr=not score,
-                                             divide_by_s2=False, log_norm_scale=0.5 * D, stats=return_weights,
-                                             kernel=True)
+    out, log_z, shift, inv_w = merge(m, l, acc, x_sum, x2, center, s2, add_ctr=not score, divide_by_s2=False,
+                                     log_norm_scale=0.5 * D, stats=return_weights)
     # exp(logit - M) / W rather than exp(logit - log_z): M is one of the logits (exact difference).
     weights = (torch.exp(logits - shift[:, None]).mul_(inv_w[:, None]).to(acc_dt) if return_weights
                else acc.new_empty((0,)))
