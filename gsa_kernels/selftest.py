@@ -148,17 +148,15 @@ class _KernelAPI(_PublicAPI):
         return gcuda.map_cuda(OP_MAP_KINDS[op])(x, p["mean"], p["basis"], p["eigvals"], p["lam_perp"], *sig)
 
     def gmm_forward(self, x, p, sigma, score):
-        ct = compute_dtype(x, p["means"])
         out, log_z, w = mcuda.gmm_forward_cuda(x, p["log_weights"], p["means"], p["bases"], p["eigvals"], p["lam_perp"],
                                                 self._sigma(sigma, x, p["means"]), score=score,
                                                 return_weights=True)
-        return mops.MixtureOutput(out, log_z - mops.log_weight_norm(p["log_weights"], p["means"].shape[0], ct), w)
+        return mops.MixtureOutput(out, log_z - mops.log_weight_norm(p["log_weights"], p["means"].shape[0]), w)
 
     def delta_mixture_forward(self, x, p, sigma, score):
-        ct = compute_dtype(x, p["points"])
         out, log_z = mcuda.delta_mixture_forward_cuda(x, p["points"], p["log_weights"], self._sigma(sigma, x, p["points"]),
                                                         score=score)
-        return mops.MixtureOutput(out, log_z - mops.log_weight_norm(p["log_weights"], p["points"].shape[0], ct),
+        return mops.MixtureOutput(out, log_z - mops.log_weight_norm(p["log_weights"], p["points"].shape[0]),
                                   None)
 
 

@@ -760,10 +760,10 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
   const Merged<T> mg = stream_chunks(in, chunk_size);
 
   Tensor out = new_tensor<T>({B, d});
-  Tensor log_z = new_tensor<T>({B});
+  Tensor log_z = new_tensor<double>({B});  // float64 whatever T: |log p| ~ d, float32 would round it
   Tensor weights = return_weights ? new_tensor<T>({B, K}) : torch::stable::empty({0}, a.ctype);
   T* po = out.template mutable_data_ptr<T>();
-  T* pz = log_z.template mutable_data_ptr<T>();
+  double* pz = log_z.template mutable_data_ptr<double>();
   T* pw = return_weights ? weights.template mutable_data_ptr<T>() : nullptr;
   const double vp_shared = in.lp.empty() ? 0.0 : static_cast<double>(in.lp[0]);
   std::vector<double> diff(static_cast<size_t>(d)), c(static_cast<size_t>(a.rank));
@@ -783,7 +783,7 @@ std::tuple<Tensor, Tensor, Tensor> mixture_forward(const MixtureArgs& a, const T
     const double top = mg.arg[b] >= 0 && mg.total[b] > 0 ? exact_logit(in, b, mg.arg[b], diff, c)
                                                           : std::numeric_limits<double>::quiet_NaN();
     const double lead = std::isfinite(top) ? top : mg.shift[b] - (in.drop_rho ? 0.5 * in.rho[b] / vp : 0.0);
-    pz[b] = static_cast<T>(lead + std::log(mg.total[b]) - 0.5 * static_cast<double>(d) * (std::log(s2c) + kLog2Pi));
+    pz[b] = (lead + std::log(mg.total[b]) - 0.5 * static_cast<double>(d) * (std::log(s2c) + kLog2Pi));
     // Weights as exp(logit - M) / W: M is one of the logits, so the difference is exact where it matters.
     if (pw) {
       for (int64_t k = 0; k < K; ++k) pw[b * K + k] = static_cast<T>(std::exp(logits[b * K + k] - mg.shift[b]) * inv_total);

@@ -96,5 +96,5 @@ def merge_normalized(outs: torch.Tensor, log_zs: torch.Tensor):
     log_zs [S, B] -> (out [B, ...], log_z [B])."""
     S, B = log_zs.shape
     flat = outs.reshape(S, B, -1)
-    merged = merge_states(log_zs, torch.ones_like(log_zs), flat.to(log_zs.dtype))
+    merged = merge_states(log_zs, flat.new_ones(S, B), flat)
     return merged.out.to(outs.dtype).reshape(outs.shape[1:]), merged.log_w

@@ -126,7 +126,7 @@ def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, x_coef: torch.Ten
     grid, n_tiles, consts = plan
     # new_empty with the sizes as separate ints: the cheapest allocation call on the host.
     out = acc.new_empty(B, D)
-    log_w = acc.new_empty(B)
+    log_w = m.new_empty(B)  # m's dtype: float64 maxima give a float64 log W
     # shift in m's dtype: float64 maxima stay exact for exp(logit - shift) downstream.
     shift, inv_w = (m.new_empty(B), acc.new_empty(B)) if stats else (None, None)
     if B > 0:

@@ -77,14 +77,14 @@ def _gmm_fake(x, log_weights, means, bases, eigvals, lam_perp, sigma, center=Non
               return_weights=False, chunk_size=0):
     B, _, K, _ = check_mixture(x, log_weights, means, bases, eigvals, lam_perp, sigma, center)
     ct = compute_dtype(x, log_weights, means, bases, eigvals, lam_perp)
-    return (x.new_empty(x.shape), x.new_empty((B,), dtype=ct),
+    return (x.new_empty(x.shape), x.new_empty((B,), dtype=torch.float64),
             x.new_empty((B, K) if return_weights else (0,), dtype=ct))
 
 
 @torch.library.register_fake("gsa::delta_mixture_forward")
 def _delta_fake(x, points, log_weights, sigma, center=None, score=False, chunk_size=0):
     B, _, _, _ = check_mixture(x, log_weights, points, None, None, None, sigma, center, "points")
-    return x.new_empty(x.shape), x.new_empty((B,), dtype=compute_dtype(x, log_weights, points))
+    return x.new_empty(x.shape), x.new_empty((B,), dtype=torch.float64)
 
 
 def check_vjp_operands(x, frame, v) -> None:

@@ -141,7 +141,7 @@ class GMM(Mixture):
         return f"n_components={self.n_components}, dim={self.dim}, rank={self.rank}, dtype={self.means.dtype}"
 
     def log_weight_norm(self):
-        return ops.log_weight_norm(self.log_weights, self.n_components, self.log_weights.dtype)
+        return ops.log_weight_norm(self.log_weights, self.n_components)
 
     def partial(self, x, sigma, *, score=False, return_weights=False, center=None):
         s = self._sigma(x, sigma)
@@ -251,7 +251,7 @@ class DeltaMixture(Mixture):
         return f"n_points={self.n_points}, dim={self.dim}, dtype={self.points.dtype}"
 
     def log_weight_norm(self):
-        return ops.log_weight_norm(self.log_weights, self.n_points, self.compute_dtype)
+        return ops.log_weight_norm(self.log_weights, self.n_points)
 
     def partial(self, x, sigma, *, score=False, return_weights=False, center=None):
         if return_weights:

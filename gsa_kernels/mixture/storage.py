@@ -241,7 +241,7 @@ class StreamedDeltaMixture(Mixture):
         return self._log_weights
 
     def log_weight_norm(self):
-        return ops.log_weight_norm(self._log_weights, self.n_points, self.compute_dtype)
+        return ops.log_weight_norm(self._log_weights, self.n_points)
 
     def partial(self, x, sigma, *, score=False, return_weights=False, center=None):
         if return_weights:
@@ -259,16 +259,12 @@ class StreamedDeltaMixture(Mixture):
                 lw = self._log_weights[start:start + pts.shape[0]].to(self.device, non_blocking=True)
             o, lz = torch.ops.gsa.delta_mixture_forward(x, pts, lw, s, ctr, score)
             # The running merge is kept in float64: B x d numbers, and the chunks' rounding does not add up.
-            o, lz = o.to(torch.float64), lz.to(torch.float64)
+            o = o.to(torch.float64)
             if out is None:
                 out, log_z = o, lz
             else:
                 out, log_z = merge_normalized(torch.stack([out, o]), torch.stack([log_z, lz]))
-        return out.to(x.dtype), log_z.to(self._log_z_dtype(x)), None
-
-    def _log_z_dtype(self, x):
-        return torch.float64 if torch.float64 in (x.dtype, self.source.dtype) or (
-            self._log_weights is not None and self._log_weights.dtype == torch.float64) else torch.float32
+        return out.to(x.dtype), log_z, None
 
     # -- streaming --------------------------------------------------------------------------------
     def _mean_and_check(self) -> torch.Tensor:
