@@ -58,6 +58,26 @@ Tensor as_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }
 
+// The values of a small parameter tensor (mean, eigvals) as T: its own data when it is already dense
+// T (the usual case: no copy per call), else a converted copy.
+template <class T>
+class ValuesAs {
+ public:
+  explicit ValuesAs(const Tensor& t) {
+    if (t.scalar_type() == torch::headeronly::CppTypeToScalarType<T>::value && t.is_contiguous()) {
+      data_ = static_cast<const T*>(t.const_data_ptr());
+    } else {
+      copy_ = to_vector<T>(t);
+      data_ = copy_.data();
+    }
+  }
+  const T* data() const { return data_; }
+
+ private:
+  const T* data_;
+  std::vector<T> copy_;
+};
+
 // Runs f(row0, row1) over the rows of a [rows, width] elementwise pass, in parallel when it is big
 // enough to pay for the fork.
 template <class F>
@@ -75,10 +95,10 @@ void for_rows(int64_t rows, int64_t width, const F& f) {
 // that does not go through the basis; the second GEMM then accumulates into it (BLAS beta = 1), so no
 // pass after the GEMMs reads xc or the output again.
 template <class T>
-Tensor centred(const Tensor& x, const std::vector<T>& mu, int64_t batch, int64_t dim, T* base = nullptr,
+Tensor centred(const Tensor& x, const T* mu, int64_t batch, int64_t dim, T* base = nullptr,
                const T* f_perp = nullptr, bool add_mean = false) {
   const Tensor xs = dense(x);
-  Tensor xc = torch::stable::empty({batch, dim}, torch::headeronly::CppTypeToScalarType<T>::value);
+  Tensor xc = dense_empty({batch, dim}, torch::headeronly::CppTypeToScalarType<T>::value, x);
   T* out = xc.mutable_data_ptr<T>();
   visit_float(xs, [&](const auto* px) {
     for_rows(batch, dim, [&](int64_t b0, int64_t b1) {
@@ -100,16 +120,31 @@ Tensor centred(const Tensor& x, const std::vector<T>& mu, int64_t batch, int64_t
   return xc;
 }
 
-// f(l) of docs/math.md section 2.1 for the map; s_a is sigma (or sigma_from), s_b is sigma_to.
+// Calls body(f) with f(l) of docs/math.md section 2.1 for the map as a plain function object, so the
+// switch on the map is taken once and the loops over the modes inside body vectorize. s_a is sigma (or
+// sigma_from), s_b is sigma_to.
+template <class T, class Body>
+decltype(auto) with_mode_function(MapKind map, T s_a, T s_b, Body&& body) {
+  const T s2 = s_a * s_a, t2 = s_b * s_b;
+  switch (map) {
+    case MapKind::Denoise: return body([=](T l) { return l / (l + s2); });
+    case MapKind::Score: return body([=](T l) { return T(-1) / (l + s2); });
+    case MapKind::Teleport: break;
+  }
+  return body([=](T l) { return std::sqrt((l + t2) / (l + s2)); });
+}
+
 template <class T>
 inline T mode_factor(MapKind map, T l, T s_a, T s_b) {
-  const T s2 = s_a * s_a;
-  switch (map) {
-    case MapKind::Denoise: return l / (l + s2);
-    case MapKind::Score: return T(-1) / (l + s2);
-    case MapKind::Teleport: return std::sqrt((l + s_b * s_b) / (l + s2));
-  }
-  return T(0);
+  return with_mode_function(map, s_a, s_b, [&](auto f) { return f(l); });
+}
+
+// factor[k] = f(lam_k) - f_perp: the weight of mode k on top of the f_perp (x - mu) term.
+template <class T>
+void mode_factors(MapKind map, const T* lam, int64_t r, T s_a, T s_b, T f_perp, T* factor) {
+  with_mode_function(map, s_a, s_b, [&](auto f) {
+    for (int64_t k = 0; k < r; ++k) factor[k] = f(lam[k]) - f_perp;
+  });
 }
 
 Tensor to_output(Tensor out, const Tensor& x) {
@@ -122,8 +157,7 @@ Tensor gaussian_map_impl(MapKind map, const GaussianArgs& a, const Tensor& x, co
                          const Tensor& basis, const Tensor& eigvals, const Tensor& lam_perp,
                          const Tensor& sigma_a, const Tensor& sigma_b) {
   const int64_t B = a.batch, d = a.dim, r = a.rank;
-  const auto mu = to_vector<T>(mean);
-  const auto lam = to_vector<T>(eigvals);
+  const ValuesAs<T> mu(mean), lam(eigvals);
   const T lp = to_vector<T>(lam_perp)[0];
   // sigma (or sigma_from) floored at sqrt(smallest normal of T), so sigma^2 stays normal and no variance
   // lam + sigma^2 is 0 (lam_perp = 0 would give 0 / 0); the same floor as _core/dtypes.py sigma_floor.
@@ -142,9 +176,9 @@ Tensor gaussian_map_impl(MapKind map, const GaussianArgs& a, const Tensor& x, co
   for (int64_t b = 0; b < B; ++b) f_perp[b] = full_rank ? T(0) : mode_factor(map, lp, s_a[b], s_b[b]);
   // out = base + G U^T: with a base term the centring pass writes it and the GEMM accumulates into it.
   const bool has_base = !full_rank || add_mean;
-  Tensor out = torch::stable::empty({B, d}, a.ctype);
-  const Tensor xc = has_base ? centred<T>(x, mu, B, d, out.mutable_data_ptr<T>(), f_perp.data(), add_mean)
-                             : centred<T>(x, mu, B, d);
+  Tensor out = dense_empty({B, d}, a.ctype, x);
+  const Tensor xc = has_base ? centred<T>(x, mu.data(), B, d, out.mutable_data_ptr<T>(), f_perp.data(), add_mean)
+                             : centred<T>(x, mu.data(), B, d);
   Tensor g = mm(xc, U);  // [B, r] coefficients c, scaled in place to G = (f(lam) - f(lam_perp)) c
   T* pg = g.mutable_data_ptr<T>();
   // The factors depend on the row only through its sigmas: computed once per distinct pair (usually
@@ -152,7 +186,7 @@ Tensor gaussian_map_impl(MapKind map, const GaussianArgs& a, const Tensor& x, co
   std::vector<T> factor(static_cast<size_t>(r));
   for (int64_t b = 0; b < B; ++b) {
     if (b == 0 || s_a[b] != s_a[b - 1] || s_b[b] != s_b[b - 1]) {
-      for (int64_t k = 0; k < r; ++k) factor[k] = mode_factor(map, lam[k], s_a[b], s_b[b]) - f_perp[b];
+      mode_factors(map, lam.data(), r, s_a[b], s_b[b], f_perp[b], factor.data());
     }
     T* gr = pg + b * r;
     for (int64_t k = 0; k < r; ++k) gr[k] *= factor[k];
@@ -178,7 +212,7 @@ Tensor gaussian_map_cpu(MapKind map, const Tensor& x, const Tensor& mean, const 
 
 template <class T>
 Tensor project_impl(const GaussianArgs& a, const Tensor& x, const Tensor& mean, const Tensor& basis) {
-  const Tensor xc = centred<T>(x, to_vector<T>(mean), a.batch, a.dim);
+  const Tensor xc = centred<T>(x, ValuesAs<T>(mean).data(), a.batch, a.dim);
   return as_dtype(mm(xc, as_dtype(basis, a.ctype)), x.scalar_type());
 }
 

@@ -351,3 +351,27 @@ def test_bad_input_raw_ops_name_the_argument():
         with pytest.raises(RuntimeError) as info:
             fn()
         assert name in str(info.value), (name, str(info.value))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1e-30, -1.0])
+def test_raw_ops_reject_every_bad_eigenvalue(dtype, layout, bad):
+    """The C++ value check of eigvals (a vectorized pass, the full scan only on failure) lets no bad
+    value through, wherever it sits, in every dtype and layout; -0.0 and 0 are valid variances."""
+    mean, basis, eig, lp = random_gaussian(10, 7, dtype=dtype)
+    x, s = torch.randn(2, 10, dtype=dtype), torch.ones(2, dtype=dtype)
+    for pos in (0, 3, 6):
+        e = eig.clone()
+        if layout == "strided":
+            e = torch.stack([e, e], 1)[:, 0]
+            assert not e.is_contiguous()
+        if dtype == torch.float16 and bad == -1e-30:
+            continue  # rounds to -0.0 in float16, a valid variance
+        e[pos] = bad
+        with pytest.raises(RuntimeError, match="eigvals"):
+            torch.ops.gsa.gaussian_denoise(x, mean, basis, e, lp, s)
+    e = eig.clone()
+    e[0], e[1] = -0.0, 0.0
+    out = torch.ops.gsa.gaussian_denoise(x, mean, basis, e, lp, s)
+    assert torch.isfinite(out).all()
