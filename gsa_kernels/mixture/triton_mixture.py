@@ -112,6 +112,92 @@ def _online_update(m_run, logit):
 
 
 @triton.jit
+def _chunk_columns(n0, n_hi, BLOCK_N: tl.constexpr, LOGIT: tl.constexpr):
+    """(columns, their mask, 1 / their count) of the chunk of points starting at n0."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    # (A float32 reciprocal: the frame need not be the exact mean, and a float64 division is a call.)
+    inv_count = (1.0 / tl.minimum(n_hi - n0, BLOCK_N).to(tl.float32)).to(LOGIT)
+    return cols, cols < n_hi, inv_count
+
+
+@triton.jit
+def _chunk_frame_slice(pts_ptr, cols, col_ok, d0, D, inv_count, BLOCK_D: tl.constexpr, LOGIT: tl.constexpr):
+    """(x_i - c [BLOCK_N, BLOCK_D], c [BLOCK_D]) of one d slice of a chunk in its own frame c (the mean of its
+    points, formed from the tile in registers), in LOGIT."""
+    pt, pmask = _load_rows(pts_ptr, cols, col_ok, d0, D, BLOCK_D)
+    pt = pt.to(LOGIT)
+    frame = tl.sum(pt, axis=0) * inv_count
+    return tl.where(pmask, pt - frame[None, :], 0.0), frame
+
+
+@triton.jit
+def _chunk_logits(x_ptr, pts_ptr, lw_ptr, v_ptr, f_ptr, rows, row_ok, cols, col_ok, inv_count, half_inv_s2, D,
+                  HAS_LW: tl.constexpr, WITH_V: tl.constexpr, PRECISION: tl.constexpr, LOGIT: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The logits of one chunk of points in its own frame c (docs/math.md section 3.2): (row [BLOCK_B] float64,
+    rel [BLOCK_B, BLOCK_N] LOGIT) with logit_i = lw_i - ||x - x_i||^2 / (2 s^2) = row + rel_i, and with WITH_V
+    also v.(x_i - c) [BLOCK_B, BLOCK_N] and v.(c - F) [BLOCK_B] (LOGIT) from the same tiles."""
+    # 1. One d slice at a time: dots (x - c)(x_i - c)^T, point norms ||x_i - c||^2 and, exactly in float64,
+    #    the row term ||x - c||^2.
+    dots = tl.zeros((BLOCK_B, BLOCK_N), LOGIT)
+    pnorm = tl.zeros((BLOCK_N,), LOGIT)
+    row_sq = tl.zeros((BLOCK_B,), tl.float64)
+    v_pts = tl.zeros((BLOCK_B, BLOCK_N), LOGIT)
+    v_cf = tl.zeros((BLOCK_B,), LOGIT)
+    for d0 in range(0, D, BLOCK_D):
+        xt, xmask = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D)
+        pk, frame = _chunk_frame_slice(pts_ptr, cols, col_ok, d0, D, inv_count, BLOCK_D, LOGIT)
+        xk = tl.where(xmask, xt.to(LOGIT) - frame[None, :], 0.0)
+        dots += tl.dot(xk, tl.trans(pk), input_precision=PRECISION)
+        pnorm += tl.sum(pk * pk, axis=1)
+        xd = tl.where(xmask, xt.to(tl.float64) - frame.to(tl.float64)[None, :], 0.0)
+        row_sq += tl.sum(xd * xd, axis=1)
+        if WITH_V:
+            vt, _ = _load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D)
+            ft, _ = _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D)
+            vt = vt.to(LOGIT)
+            v_pts += tl.dot(vt, tl.trans(pk), input_precision=PRECISION)
+            v_cf += tl.sum(tl.where(xmask, vt * (frame[None, :] - ft.to(LOGIT)), 0.0), axis=1)
+    # 2. rel_i = lw_i - (||x_i - c||^2 - 2 (x - c).(x_i - c)) / (2 s^2) in LOGIT, the row part in float64.
+    rel = (2.0 * dots - pnorm[None, :]) * half_inv_s2.to(LOGIT)[:, None]
+    rel = tl.where(rel == rel, tl.minimum(tl.maximum(rel, -QUAD_MAX), QUAD_MAX), -QUAD_MAX)
+    if HAS_LW:
+        rel += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(LOGIT)[None, :]
+    rel = tl.where(col_ok[None, :], rel, float("-inf"))
+    return -row_sq * half_inv_s2, rel, v_pts, v_cf
+
+
+@triton.jit
+def _chunk_softmax(row, rel, n0, m_run, arg_run, LOGIT: tl.constexpr):
+    """The online softmax over one chunk's logits row + rel: (m_run, arg_run (the index of the running max's
+    point), alpha, p [BLOCK_B, BLOCK_N] in LOGIT) with the float64 running max."""
+    chunk_max = row + tl.max(rel, axis=1).to(tl.float64)
+    arg_run = tl.where(chunk_max > m_run, n0 + tl.argmax(rel, axis=1), arg_run)
+    m_run, alpha, shift = _online_update(m_run, chunk_max)
+    # row - shift <= -rel_i wherever rel_i is finite; the clamp keeps a masked (-inf) rel from meeting +inf.
+    return m_run, arg_run, alpha, tl.exp(tl.minimum(row - shift, QUAD_MAX).to(LOGIT)[:, None] + rel)
+
+
+@triton.jit
+def _exact_dominant_logit(x_ptr, pts_ptr, lw_ptr, rows, row_ok, m_run, arg_run, half_inv_s2, D,
+                          HAS_LW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The split's max replaced by its dominant logit recomputed exactly (x - x_* in float64): the state's log W
+    is then l_* + log sum_i exp(l~_i - l~_*) (docs/math.md section 3.2)."""
+    found = row_ok & (arg_run >= 0)
+    top = tl.where(found, arg_run, 0)
+    dist2 = tl.zeros((BLOCK_B,), tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        xt, xmask = _load_rows(x_ptr, rows, found, d0, D, BLOCK_D)
+        pt, _ = _load_rows(pts_ptr, top, found, d0, D, BLOCK_D)
+        xd = xt.to(tl.float64) - pt.to(tl.float64)
+        dist2 += tl.sum(xd * xd, axis=1)
+    exact = -dist2 * half_inv_s2
+    if HAS_LW:
+        exact += tl.load(lw_ptr + top, mask=found, other=0.0).to(tl.float64)
+    return tl.where(found, exact, m_run)
+
+
+@triton.jit
 def _delta_partial_kernel(
     x_ptr, pts_ptr, lw_ptr, ctr_ptr, s2_ptr, acc_ptr, max_ptr, sum_ptr,
     B, N, D, n_per_split,
@@ -124,7 +210,6 @@ def _delta_partial_kernel(
     row_ok = rows < B
     s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0)
     half_inv_s2 = 0.5 / s2.to(tl.float64)  # float64: scales the exact row terms
-    half_inv_s2_l = half_inv_s2.to(LOGIT)
 
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
@@ -134,41 +219,12 @@ def _delta_partial_kernel(
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_hi
-        # (A float32 reciprocal: the frame need not be the exact mean, and a float64 division is a call.)
-        inv_count = (1.0 / tl.minimum(n_hi - n0, BLOCK_N).to(tl.float32)).to(LOGIT)
-        # 1. In the chunk's frame c (the mean of its points, one d slice at a time from the tile in
-        #    registers): dots (x - c)(x_i - c)^T, point norms ||x_i - c||^2 and, exactly in float64,
-        #    the row term ||x - c||^2 (docs/math.md section 3.2).
-        dots = tl.zeros((BLOCK_B, BLOCK_N), LOGIT)
-        pnorm = tl.zeros((BLOCK_N,), LOGIT)
-        row_sq = tl.zeros((BLOCK_B,), tl.float64)
-        for d0 in range(0, D, BLOCK_D):
-            xt, xmask = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D)
-            pt, pmask = _load_rows(pts_ptr, cols, col_ok, d0, D, BLOCK_D)
-            pt = pt.to(LOGIT)
-            frame = tl.sum(pt, axis=0) * inv_count
-            xk = tl.where(xmask, xt.to(LOGIT) - frame[None, :], 0.0)
-            pk = tl.where(pmask, pt - frame[None, :], 0.0)
-            dots += tl.dot(xk, tl.trans(pk), input_precision=PRECISION)
-            pnorm += tl.sum(pk * pk, axis=1)
-            xd = tl.where(xmask, xt.to(tl.float64) - frame.to(tl.float64)[None, :], 0.0)
-            row_sq += tl.sum(xd * xd, axis=1)
-        # 2. logit = lw_i - ||x - x_i||^2 / (2 s^2) = row + rel_i with the row part in float64 and
-        #    rel_i = lw_i - (||x_i - c||^2 - 2 (x - c).(x_i - c)) / (2 s^2) in LOGIT; the online softmax.
-        rel = (2.0 * dots - pnorm[None, :]) * half_inv_s2_l[:, None]
-        rel = tl.where(rel == rel, tl.minimum(tl.maximum(rel, -QUAD_MAX), QUAD_MAX), -QUAD_MAX)
-        if HAS_LW:
-            rel += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(LOGIT)[None, :]
-        rel = tl.where(col_ok[None, :], rel, float("-inf"))
-        row = -row_sq * half_inv_s2
-        chunk_max = row + tl.max(rel, axis=1).to(tl.float64)
-        arg_run = tl.where(chunk_max > m_run, n0 + tl.argmax(rel, axis=1), arg_run)
-        m_run, alpha, shift = _online_update(m_run, chunk_max)
+        cols, col_ok, inv_count = _chunk_columns(n0, n_hi, BLOCK_N, LOGIT)
+        row, rel, _, _ = _chunk_logits(x_ptr, pts_ptr, lw_ptr, x_ptr, x_ptr, rows, row_ok, cols, col_ok, inv_count,
+                                       half_inv_s2, D, HAS_LW, False, PRECISION, LOGIT, BLOCK_B, BLOCK_N, BLOCK_D)
+        m_run, arg_run, alpha, p = _chunk_softmax(row, rel, n0, m_run, arg_run, LOGIT)
         alpha = alpha.to(ACC)
-        # row - shift <= -rel_i wherever rel_i is finite; the clamp keeps a masked (-inf) rel from meeting +inf.
-        p = tl.exp(tl.minimum(row - shift, QUAD_MAX).to(LOGIT)[:, None] + rel).to(ACC)
+        p = p.to(ACC)
         l_run = l_run * alpha + tl.sum(p, axis=1)
         # 3. acc = alpha acc + p (x_i - ctr), one d slice at a time.
         for d0 in range(0, D, BLOCK_D):
@@ -181,20 +237,8 @@ def _delta_partial_kernel(
             tl.store(a_ptrs, acc, mask=amask)
         # The next chunk reloads these acc tiles, possibly in another thread layout: order the accesses.
         tl.debug_barrier()
-    # The split's max is its dominant logit recomputed exactly (x - x_* in float64): the state's log W
-    # is then l_* + log sum_i exp(l~_i - l~_*) (docs/math.md section 3.2).
-    found = row_ok & (arg_run >= 0)
-    top = tl.where(found, arg_run, 0)
-    dist2 = tl.zeros((BLOCK_B,), tl.float64)
-    for d0 in range(0, D, BLOCK_D):
-        xt, xmask = _load_rows(x_ptr, rows, found, d0, D, BLOCK_D)
-        pt, _ = _load_rows(pts_ptr, top, found, d0, D, BLOCK_D)
-        xd = xt.to(tl.float64) - pt.to(tl.float64)
-        dist2 += tl.sum(xd * xd, axis=1)
-    exact = -dist2 * half_inv_s2
-    if HAS_LW:
-        exact += tl.load(lw_ptr + top, mask=found, other=0.0).to(tl.float64)
-    m_run = tl.where(found, exact, m_run)
+    m_run = _exact_dominant_logit(x_ptr, pts_ptr, lw_ptr, rows, row_ok, m_run, arg_run, half_inv_s2, D, HAS_LW,
+                                  BLOCK_B, BLOCK_D)
     tl.store(max_ptr + pid_s * B + rows, m_run, mask=row_ok)
     tl.store(sum_ptr + pid_s * B + rows, l_run, mask=row_ok)
 

@@ -39,8 +39,9 @@ from .._core.cache import as_contiguous
 from .._core.dtypes import compute_dtype
 from .._core.launch import cdiv, device_guard, split_count
 from .._core.lse import merge_states
-from .triton_mixture import (AOT_PRECISIONS, QUAD_MAX, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS, _gmm_mode_gain,
-                             _load_centred, _log1p, _online_update, _PLANS, _remember, _tl_dtype, clamped_sigma_sq)
+from .triton_mixture import (AOT_PRECISIONS, EXACT_DIM, QUAD_MAX, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS,
+                             _chunk_columns, _chunk_frame_slice, _chunk_logits, _chunk_softmax, _exact_dominant_logit,
+                             _gmm_mode_gain, _log1p, _online_update, _PLANS, _remember, _tl_dtype, clamped_sigma_sq)
 
 
 @triton.jit
@@ -61,79 +62,54 @@ def _store_shared_state(max_ptr, sum_ptr, m_run, l_run, pid_s, B, rows, row_ok, 
 
 @triton.jit
 def _delta_vjp_partial_kernel(
-    x_ptr, pts_ptr, lw_ptr, ctr_ptr, s2_ptr, f_ptr, v_ptr, acc_ptr, max_ptr, sum_ptr,
+    x_ptr, pts_ptr, lw_ptr, s2_ptr, f_ptr, v_ptr, acc_ptr, max_ptr, sum_ptr,
     B, N, D, n_per_split,
-    HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, LOGIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
-    xnorm = tl.zeros((BLOCK_B,), ACC)
-    v_f = tl.zeros((BLOCK_B,), ACC)  # v.(F - ctr)
-    for d0 in range(0, D, BLOCK_D):
-        xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-        xnorm += tl.sum(xt * xt, axis=1)
-        ft = _load_centred(f_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-        v_f += tl.sum(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) * ft, axis=1)
-
+    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(tl.float64)
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
-    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
+    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
+    arg_run = tl.full((BLOCK_B,), -1, tl.int32)
     l_run = tl.zeros((BLOCK_B,), ACC)
-    b_run = tl.zeros((BLOCK_B,), ACC)  # sum p beta
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     e0_base = acc_ptr + (pid_s * 2 * B).to(tl.int64) * D
     e1_base = acc_ptr + (pid_s * 2 * B + B).to(tl.int64) * D
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_hi
-        # 1. dots, v.(x_i - ctr) and point norms, centred.
-        dots = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-        v_pts = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-        pnorm = tl.zeros((BLOCK_N,), ACC)
-        for d0 in range(0, D, BLOCK_D):
-            xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-            vt = _load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-            pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
-            dots += tl.dot(xt, tl.trans(pt), input_precision=PRECISION)
-            v_pts += tl.dot(vt, tl.trans(pt), input_precision=PRECISION)
-            pnorm += tl.sum(pt * pt, axis=1)
-        # 2. logits (as the forward) and the online softmax.
-        dist2 = tl.maximum(xnorm[:, None] - 2.0 * dots + pnorm[None, :], 0.0)
-        logit = -tl.minimum(dist2 * half_inv_s2[:, None], QUAD_MAX)
-        if HAS_LW:
-            logit += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        logit = tl.where(col_ok[None, :], logit, float("-inf"))
-        m_run, alpha, shift = _online_update(m_run, tl.max(logit, axis=1))
-        p = tl.exp(logit - shift[:, None])
-        pb = p * (v_pts - v_f[:, None])  # p beta_i, beta_i = v.(x_i - F)
-        l_run = l_run * alpha + tl.sum(p, axis=1)
-        b_run = b_run * alpha + tl.sum(pb, axis=1)
-        # 3. E0 = alpha E0 + (p beta) (x_i - ctr), E1 = alpha E1 + p (x_i - ctr), one d slice at a time.
+        cols, col_ok, inv_count = _chunk_columns(n0, n_hi, BLOCK_N, LOGIT)
+        # 1-2. The forward's logits in the chunk's frame c, with v.(x_i - c) and v.(c - F) from the same tiles.
+        row, rel, v_pts, v_cf = _chunk_logits(x_ptr, pts_ptr, lw_ptr, v_ptr, f_ptr, rows, row_ok, cols, col_ok,
+                                              inv_count, half_inv_s2, D, HAS_LW, True, PRECISION, LOGIT,
+                                              BLOCK_B, BLOCK_N, BLOCK_D)
+        m_run, arg_run, alpha, p = _chunk_softmax(row, rel, n0, m_run, arg_run, LOGIT)
+        pb = p * (v_pts + v_cf[:, None])  # p beta_i, beta_i = v.(x_i - F)
+        p_sum = tl.sum(p, axis=1)
+        pb_sum = tl.sum(pb, axis=1)
+        l_run = l_run * alpha.to(ACC) + p_sum.to(ACC)
+        alpha = alpha.to(LOGIT)
+        # 3. E0 = alpha E0 + sum_i p beta_i (x_i - F), E1 = alpha E1 + sum_i p (x_i - F) with x_i - F = (x_i - c)
+        #    + (c - F): a GEMM on the chunk's small differences plus a rank-one term, in LOGIT.
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             amask = row_ok[:, None] & (dd < D)[None, :]
             offs = rows64[:, None] * D + dd[None, :]
-            pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
-            e0 = tl.load(e0_base + offs, mask=amask, other=0.0) * alpha[:, None]
-            e0 += tl.dot(pb, pt, input_precision=PRECISION)
-            tl.store(e0_base + offs, e0, mask=amask)
-            e1 = tl.load(e1_base + offs, mask=amask, other=0.0) * alpha[:, None]
-            e1 += tl.dot(p, pt, input_precision=PRECISION)
-            tl.store(e1_base + offs, e1, mask=amask)
+            pk, frame = _chunk_frame_slice(pts_ptr, cols, col_ok, d0, D, inv_count, BLOCK_D, LOGIT)
+            cf = frame[None, :] - _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D, LOGIT)
+            e0 = tl.load(e0_base + offs, mask=amask, other=0.0).to(LOGIT) * alpha[:, None] + pb_sum[:, None] * cf
+            e0 += tl.dot(pb, pk, input_precision=PRECISION)
+            tl.store(e0_base + offs, e0.to(ACC), mask=amask)
+            e1 = tl.load(e1_base + offs, mask=amask, other=0.0).to(LOGIT) * alpha[:, None] + p_sum[:, None] * cf
+            e1 += tl.dot(p, pk, input_precision=PRECISION)
+            tl.store(e1_base + offs, e1.to(ACC), mask=amask)
         # The next chunk reloads these tiles, possibly in another thread layout: order the accesses.
         tl.debug_barrier()
-    # Move the split's sums from the centre to the frame F: - (sum p beta) (F - ctr), - (sum p) (F - ctr).
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        amask = row_ok[:, None] & (dd < D)[None, :]
-        offs = rows64[:, None] * D + dd[None, :]
-        ft = _load_centred(f_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-        tl.store(e0_base + offs, tl.load(e0_base + offs, mask=amask, other=0.0) - b_run[:, None] * ft, mask=amask)
-        tl.store(e1_base + offs, tl.load(e1_base + offs, mask=amask, other=0.0) - l_run[:, None] * ft, mask=amask)
+    m_run = _exact_dominant_logit(x_ptr, pts_ptr, lw_ptr, rows, row_ok, m_run, arg_run, half_inv_s2, D, HAS_LW,
+                                  BLOCK_B, BLOCK_D)
     _store_shared_state(max_ptr, sum_ptr, m_run, l_run, pid_s, B, rows, row_ok, 2)
 
 
@@ -282,6 +258,7 @@ def _gmm_vjp_partial_kernel(
 # accumulators); not yet tuned by timing on a GPU.
 _DELTA_VJP_BLOCKS = {(True, True): (64, 32, 16, 8), (True, False): (16, 64, 16, 4),
                      (False, True): (16, 32, 16, 4), (False, False): (16, 32, 16, 4)}
+_DELTA_VJP_EXACT_D_BLOCKS = (16, 32, 16, 4)  # float32 inputs with d <= EXACT_DIM: float64 tiles
 _GMM_VJP_BLOCKS = {(True, True): (32, 16, 8), (True, False): (16, 32, 8),
                    (False, True): (16, 16, 8), (False, False): (16, 16, 8)}
 _GMM_VJP_MAX_BLOCK_R = 16
@@ -299,20 +276,20 @@ def _finish(m, l, acc, v2, s2):
 
 
 def _state_buffers(S, n_acc, B, D, dt, dev):
-    """Zeroed accumulators [S, n_acc B, D] and the row states m, l [S, n_acc B]."""
-    return (torch.zeros((S, n_acc * B, D), dtype=dt, device=dev), torch.empty((S, n_acc * B), dtype=dt, device=dev),
+    """Zeroed accumulators [S, n_acc B, D] and the row states m (float64 logits, as the forward's), l [S, n_acc B]."""
+    return (torch.zeros((S, n_acc * B, D), dtype=dt, device=dev),
+            torch.empty((S, n_acc * B), dtype=torch.float64, device=dev),
             torch.empty((S, n_acc * B), dtype=dt, device=dev))
 
 
 def delta_mixture_vjp(x2: torch.Tensor, points: torch.Tensor, log_weights: torch.Tensor | None,
-                      center: torch.Tensor, sigma: torch.Tensor, frame2: torch.Tensor, v2: torch.Tensor,
+                      sigma: torch.Tensor, frame2: torch.Tensor, v2: torch.Tensor,
                       precision: str = "ieee", splits: int | None = None,
                       blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """J^T v [B, d] (accumulation dtype) of the training-set denoiser at x2 [B, d] over points [N, d] (any
     float storage), about the frame frame2 [B, d] (the forward's denoiser); v2 [B, d]."""
     acc_dt = compute_dtype(x2, points, log_weights)
     x2, points, frame2, v2 = x2.contiguous(), points.contiguous(), frame2.contiguous(), v2.contiguous()
-    center = as_contiguous(center, acc_dt)
     B, D = x2.shape
     N = points.shape[0]
     dev = x2.device
@@ -322,16 +299,21 @@ def delta_mixture_vjp(x2: torch.Tensor, points: torch.Tensor, log_weights: torch
            precision, splits, blocks, dev)
     plan = _PLANS.get(key)
     if plan is None:
-        bb, bn, bd, warps = blocks or _DELTA_VJP_BLOCKS[(acc_dt == torch.float32, B > 16)]
+        exact_d = acc_dt == torch.float32 and D <= EXACT_DIM  # float64 tiles, as the forward
+        logit_dt = torch.float64 if exact_d else acc_dt
+        if blocks is None:
+            blocks = _DELTA_VJP_EXACT_D_BLOCKS if exact_d else _DELTA_VJP_BLOCKS[(acc_dt == torch.float32, B > 16)]
+        bb, bn, bd, warps = blocks
         row_blocks = cdiv(B, bb)
         n_chunks = cdiv(N, bn)
-        consts = dict(HAS_LW=log_weights is not None, PRECISION=precision if acc_dt == torch.float32 else "ieee",
-                      ACC=_tl_dtype(acc_dt), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
+        consts = dict(HAS_LW=log_weights is not None, PRECISION=precision if logit_dt == torch.float32 else "ieee",
+                      ACC=_tl_dtype(acc_dt), LOGIT=_tl_dtype(logit_dt), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
+                      num_warps=warps)
         S = splits
         if S is None:
             S = split_count(_delta_vjp_partial_kernel, dev, row_blocks, n_chunks, 2 * B * D,
                             (acc_dt, points.dtype, frame2.dtype, v2.dtype, *consts.items()),
-                            lambda: ((x2, points, lw, center, s2, frame2, v2, x2, s2, s2, B, N, D, bn), consts),
+                            lambda: ((x2, points, lw, s2, frame2, v2, x2, s2.double(), s2, B, N, D, bn), consts),
                             WORKSPACE_ELEMENTS)
         S = max(1, min(int(S), n_chunks))
         n_per_split = cdiv(n_chunks, S) * bn
@@ -341,7 +323,7 @@ def delta_mixture_vjp(x2: torch.Tensor, points: torch.Tensor, log_weights: torch
     acc, m, l = _state_buffers(S, 2, B, D, acc_dt, dev)
     if B > 0:
         with device_guard(x2):
-            _delta_vjp_partial_kernel[grid](x2, points, lw, center, s2, frame2, v2, acc, m, l, B, N, D, n_per_split,
+            _delta_vjp_partial_kernel[grid](x2, points, lw, s2, frame2, v2, acc, m, l, B, N, D, n_per_split,
                                             **consts)
     return _finish(m, l, acc, v2, s2)
 
@@ -396,14 +378,14 @@ def aot_cases(full: bool = False):
     """Launch configurations for gsa_kernels.triton_aot. full=False: both kernels in both accumulators (float32
     with half points, low-rank GMM with lam_perp, full-rank GMM); full=True: every tile-table entry, float32 in
     every precision mode, with the GMM variants that use the most registers."""
-    def delta(dt, pts, prec, big):
-        bb, bn, bd, warps = _DELTA_VJP_BLOCKS[(dt == "fp32", big)]
-        ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "f_ptr", "v_ptr", "acc_ptr",
-                                      "max_ptr", "sum_ptr")}
-        return _delta_vjp_partial_kernel, {"pts_ptr": "*" + pts, **ptrs,
+    def delta(dt, pts, prec, big, exact_d=False):
+        bb, bn, bd, warps = _DELTA_VJP_EXACT_D_BLOCKS if exact_d else _DELTA_VJP_BLOCKS[(dt == "fp32", big)]
+        ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "s2_ptr", "f_ptr", "v_ptr", "acc_ptr", "sum_ptr")}
+        return _delta_vjp_partial_kernel, {"pts_ptr": "*" + pts, **ptrs, "max_ptr": "*fp64",
                                            **dict.fromkeys(("B", "N", "D", "n_per_split"), "i32"),
                                            "HAS_LW": True, "PRECISION": prec,
                                            "ACC": tl.float32 if dt == "fp32" else tl.float64,
+                                           "LOGIT": tl.float32 if dt == "fp32" and not exact_d else tl.float64,
                                            "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps}
 
     def gmm(dt, prec, big, full_rank):
@@ -421,6 +403,7 @@ def aot_cases(full: bool = False):
         yield delta("fp32", "fp32", "ieee", True)
         yield delta("fp32", "bf16", "tf32x3", False)
         yield delta("fp64", "fp64", "ieee", True)
+        yield delta("fp32", "fp32", "ieee", True, exact_d=True)
         yield gmm("fp32", "tf32x3", True, False)
         yield gmm("fp32", "ieee", False, True)
         yield gmm("fp64", "ieee", True, False)
@@ -432,6 +415,8 @@ def aot_cases(full: bool = False):
                     yield delta("fp32", pts, prec, big)
         else:
             yield delta("fp64", "fp64", "ieee", big)
+    for pts in ("fp32", "bf16"):
+        yield delta("fp32", pts, "ieee", True, exact_d=True)
     for is_f32, big in _GMM_VJP_BLOCKS:
         for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
             for full_rank in (False, True):
