@@ -257,6 +257,18 @@ def _gmm_mode_gain(p, cm, lam, lam_perp, v, FULL_RANK: tl.constexpr, SCORE: tl.c
 
 
 @triton.jit
+def _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RANK: tl.constexpr):
+    """Component k's float64 logit per row from q = ||x - mu_k||^2, the modes' sums of c^2 / v (quad),
+    log1p(lam / s^2) (logdet) and c^2 (proj), all float64, and the complement's terms (docs/math.md 3.2)."""
+    if not FULL_RANK:
+        lp_f64 = tl.zeros_like(q) + lam_perp  # lam_perp is float32-exact
+        vp_f64 = tl.minimum(tl.maximum(lp_f64 + s2_f64, VAR_MIN), VAR_MAX)
+        quad += tl.maximum(q - proj, 0.0) / vp_f64
+        logdet += (D - R) * _log1p(tl.minimum(lp_f64 / s2_f64, VAR_MAX))
+    return tl.load(lw_ptr + k).to(tl.float64) - 0.5 * (tl.minimum(quad, QUAD_MAX_F64) + logdet)
+
+
+@triton.jit
 def _gmm_partial_kernel(
     x_ptr, means_ptr, bases_ptr, eig_ptr, lp_ptr, lw_ptr, ctr_ptr, s2_ptr,
     acc_ptr, max_ptr, sum_ptr, xsum_ptr, logit_ptr, c_ptr,
@@ -330,12 +342,7 @@ def _gmm_partial_kernel(
                                           0.0), axis=1).to(tl.float64)
                 proj += tl.sum(c * c, axis=1).to(tl.float64)
                 tl.store(c_base + rows64[:, None] * R + modes[None, :], c, mask=row_ok[:, None] & mode_ok[None, :])
-        if not FULL_RANK:
-            lp_f64 = tl.zeros((BLOCK_B,), tl.float64) + lam_perp  # lam_perp is float32-exact
-            vp_f64 = tl.minimum(tl.maximum(lp_f64 + s2_f64, VAR_MIN), VAR_MAX)
-            quad += tl.maximum(q - proj, 0.0) / vp_f64
-            logdet += (D - R) * _log1p(tl.minimum(lp_f64 / s2_f64, VAR_MAX))
-        logit = tl.load(lw_ptr + k).to(tl.float64) - 0.5 * (tl.minimum(quad, QUAD_MAX_F64) + logdet)
+        logit = _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RANK)
         if STORE_LOGITS:
             tl.store(logit_ptr + rows.to(tl.int64) * K + k, logit, mask=row_ok)
         m_run, alpha, shift = _online_update(m_run, logit)

@@ -39,8 +39,8 @@ from .._core.cache import as_contiguous
 from .._core.dtypes import compute_dtype
 from .._core.launch import cdiv, device_guard, split_count
 from .._core.lse import merge_states
-from .triton_mixture import (AOT_PRECISIONS, EXACT_DIM, QUAD_MAX, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS,
-                             _chunk_columns, _chunk_frame_slice, _chunk_logits, _chunk_softmax, _exact_dominant_logit,
+from .triton_mixture import (AOT_PRECISIONS, EXACT_DIM, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS, _chunk_columns,
+                             _chunk_frame_slice, _chunk_logits, _chunk_softmax, _exact_dominant_logit, _gmm_logit,
                              _gmm_mode_gain, _log1p, _online_update, _PLANS, _remember, _tl_dtype, clamped_sigma_sq)
 
 
@@ -126,6 +126,7 @@ def _gmm_vjp_partial_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
+    s2_f64 = s2.to(tl.float64)
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     v_xf = tl.zeros((BLOCK_B,), ACC)  # v.(x - F)
     for d0 in range(0, D, BLOCK_D):
@@ -134,7 +135,7 @@ def _gmm_vjp_partial_kernel(
         v_xf += tl.sum(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) * (xt - ft), axis=1)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
+    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
     l_run = tl.zeros((BLOCK_B,), ACC)
     e0_base = acc_ptr + (pid_s * 3 * B).to(tl.int64) * D
     e1_base = acc_ptr + (pid_s * 3 * B + B).to(tl.int64) * D
@@ -144,16 +145,16 @@ def _gmm_vjp_partial_kernel(
     for k in range(k_lo, k_hi):
         k64 = tl.cast(k, tl.int64)
         base_k = bases_ptr + k64 * D * R
-        # Pass 1a: exact differences x - mu_k, q = ||x - mu_k||^2 and v.(mu_k - F).
-        q = tl.zeros((BLOCK_B,), ACC)
+        # Pass 1a: q = ||x - mu_k||^2 from the exact float64 differences (as the forward), and v.(mu_k - F).
+        q = tl.zeros((BLOCK_B,), tl.float64)
         v_mf = tl.zeros((BLOCK_B,), ACC)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             mask = row_ok[:, None] & d_ok[None, :]
-            mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
-            xc = tl.where(mask, _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) - mu[None, :], 0.0)
-            mf = tl.where(mask, mu[None, :] - _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D, ACC), 0.0)
+            mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(tl.float64)
+            xc = tl.where(mask, _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D, tl.float64) - mu[None, :], 0.0)
+            mf = tl.where(mask, mu.to(ACC)[None, :] - _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D, ACC), 0.0)
             q += tl.sum(xc * xc, axis=1)
             v_mf += tl.sum(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) * mf, axis=1)
         if HAS_LP:
@@ -168,9 +169,9 @@ def _gmm_vjp_partial_kernel(
         else:
             cm = s2 / v_perp
             cx = lam_perp / v_perp
-        quad = tl.zeros((BLOCK_B,), ACC)
-        logdet = tl.zeros((BLOCK_B,), ACC)
-        proj = tl.zeros((BLOCK_B,), ACC)
+        quad = tl.zeros((BLOCK_B,), tl.float64)
+        logdet = tl.zeros((BLOCK_B,), tl.float64)
+        proj = tl.zeros((BLOCK_B,), tl.float64)
         v_gc = tl.zeros((BLOCK_B,), ACC)  # v.U_k (g c) = sum_modes g c w
         if HAS_BASES:
             # Pass 1b: c = U_k^T (x - mu_k) and w = U_k^T v per BLOCK_R slice of modes, kept for pass 2.
@@ -191,21 +192,19 @@ def _gmm_vjp_partial_kernel(
                     w += tl.dot(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC), ut, input_precision=PRECISION)
                 lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
                 v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
-                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1)
+                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1).to(tl.float64)
                 logdet += tl.sum(tl.where(mode_ok[None, :], _log1p(tl.minimum(lam[None, :] / s2[:, None], VAR_MAX)),
-                                          0.0), axis=1)
-                proj += tl.sum(c * c, axis=1)
+                                          0.0), axis=1).to(tl.float64)
+                proj += tl.sum(c * c, axis=1).to(tl.float64)
                 g = _gmm_mode_gain(ones, cm, lam, lam_perp, v, FULL_RANK, False)
                 v_gc += tl.sum(tl.where(mode_ok[None, :], g * c * w, 0.0), axis=1)
                 smask = row_ok[:, None] & mode_ok[None, :]
                 tl.store(c_base + rows64[:, None] * (2 * R) + modes[None, :], c, mask=smask)
                 tl.store(c_base + rows64[:, None] * (2 * R) + R + modes[None, :], w, mask=smask)
-        if not FULL_RANK:
-            quad += tl.maximum(q - proj, 0.0) / v_perp
-            logdet += (D - R) * _log1p(tl.minimum(lam_perp / s2, VAR_MAX))
-        logit = tl.load(lw_ptr + k).to(ACC) - 0.5 * (tl.minimum(quad, QUAD_MAX) + logdet)
+        logit = _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RANK)
         m_run, alpha, shift = _online_update(m_run, logit)
-        p = tl.exp(logit - shift)
+        alpha = alpha.to(ACC)
+        p = tl.exp(logit - shift).to(ACC)
         l_run = l_run * alpha + p
         pb = p * (cm * v_mf + cx * v_xf + v_gc)  # p beta, beta = v.(D_k - F)
         pcx = p * cx
@@ -359,7 +358,7 @@ def gmm_vjp(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, ba
         if S is None:
             S = split_count(_gmm_vjp_partial_kernel, dev, row_blocks, K, 3 * B * D,
                             (acc_dt, means.dtype, bases_c.dtype, frame2.dtype, v2.dtype, *consts.items()),
-                            lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, s2, frame2, v2, x2, s2, s2, x2,
+                            lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, s2, frame2, v2, x2, s2.double(), s2, x2,
                                       B, K, D, R, 16), consts),
                             WORKSPACE_ELEMENTS)
         k_per_split = cdiv(K, max(1, min(int(S), K)))
@@ -391,8 +390,8 @@ def aot_cases(full: bool = False):
     def gmm(dt, prec, big, full_rank):
         bb, bd, warps = _GMM_VJP_BLOCKS[(dt == "fp32", big)]
         names = ("x_ptr", "means_ptr", "bases_ptr", "eig_ptr", "lp_ptr", "lw_ptr", "s2_ptr", "f_ptr", "v_ptr",
-                 "acc_ptr", "max_ptr", "sum_ptr", "c_ptr")
-        return _gmm_vjp_partial_kernel, {**{n: "*" + dt for n in names},
+                 "acc_ptr", "sum_ptr", "c_ptr")
+        return _gmm_vjp_partial_kernel, {**{n: "*" + dt for n in names}, "max_ptr": "*fp64",
                                          **dict.fromkeys(("B", "K", "D", "R", "k_per_split"), "i32"),
                                          "HAS_BASES": True, "HAS_LP": not full_rank, "FULL_RANK": full_rank,
                                          "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
