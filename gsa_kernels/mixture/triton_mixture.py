@@ -198,24 +198,28 @@ def _exact_dominant_logit(x_ptr, pts_ptr, lw_ptr, rows, row_ok, m_run, arg_run, 
 
 
 @triton.jit
+def _delta_split_start(s2_ptr, B, N, n_per_split, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A training-set program's split, rows, 1 / (2 s^2) (float64: scales the exact row terms), its range of
+    points and the empty online-softmax state (float64 max, index of its point, sum)."""
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(tl.float64)
+    n_lo = pid_s * n_per_split
+    return (pid_s, rows, row_ok, half_inv_s2, n_lo, tl.minimum(n_lo + n_per_split, N),
+            tl.full((BLOCK_B,), float("-inf"), tl.float64), tl.full((BLOCK_B,), -1, tl.int32),
+            tl.zeros((BLOCK_B,), ACC))
+
+
+@triton.jit
 def _delta_partial_kernel(
     x_ptr, pts_ptr, lw_ptr, ctr_ptr, s2_ptr, acc_ptr, max_ptr, sum_ptr,
     B, N, D, n_per_split,
     HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, LOGIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0)
-    half_inv_s2 = 0.5 / s2.to(tl.float64)  # float64: scales the exact row terms
-
-    n_lo = pid_s * n_per_split
-    n_hi = tl.minimum(n_lo + n_per_split, N)
-    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
-    arg_run = tl.full((BLOCK_B,), -1, tl.int32)
-    l_run = tl.zeros((BLOCK_B,), ACC)
+    pid_s, rows, row_ok, half_inv_s2, n_lo, n_hi, m_run, arg_run, l_run = _delta_split_start(
+        s2_ptr, B, N, n_per_split, ACC, BLOCK_B)
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -444,24 +448,25 @@ def _remember(key, plan):
     return plan
 
 
-def _delta_plan(x2, points, lw, center, s2, has_lw, acc_dt, precision, splits, blocks):
-    """(grid, S, n_per_split, constexprs) of one training-set launch."""
+def delta_plan(kernel, tile_tables, x2, points, has_lw, acc_dt, precision, splits, blocks, n_acc, sample_args):
+    """(grid, S, n_per_split, constexprs) of one launch of a training-set kernel (the forward, or the VJP with
+    n_acc accumulators of [B, d]): tiles from tile_tables = (entries keyed by (float32, B > 16), the low-d entry),
+    sample_args(BLOCK_N) the arguments of a sample launch for the split count."""
     B, D = x2.shape
     N = points.shape[0]
     exact_d = acc_dt == torch.float32 and D <= EXACT_DIM  # the chunk's cross terms in float64
     logit_dt = torch.float64 if exact_d else acc_dt
     if blocks is None:
-        blocks = _DELTA_EXACT_D_BLOCKS if exact_d else _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
+        blocks = tile_tables[1] if exact_d else tile_tables[0][(acc_dt == torch.float32, B > 16)]
     bb, bn, bd, warps = blocks
     row_blocks = cdiv(B, bb)
     n_chunks = cdiv(N, bn)
-    prec = precision if acc_dt == torch.float32 else "ieee"
+    prec = precision if logit_dt == torch.float32 else "ieee"  # (float64 tiles: TF32 does not apply)
     consts = dict(HAS_LW=has_lw, PRECISION=prec, ACC=_tl_dtype(acc_dt), LOGIT=_tl_dtype(logit_dt),
                   BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
     if splits is None:
-        splits = split_count(_delta_partial_kernel, x2.device, row_blocks, n_chunks, B * D,
-                             (acc_dt, points.dtype, *consts.items()),
-                             lambda: ((x2, points, lw, center, s2, x2, s2.double(), s2, B, N, D, bn), consts),
+        splits = split_count(kernel, x2.device, row_blocks, n_chunks, n_acc * B * D,
+                             (acc_dt, points.dtype, *consts.items()), lambda: (sample_args(bn), consts),
                              WORKSPACE_ELEMENTS)
     S = max(1, min(int(splits), n_chunks))
     n_per_split = cdiv(n_chunks, S) * bn
@@ -489,8 +494,9 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
            dev)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _remember(key, _delta_plan(x2, points, lw, center, s2, log_weights is not None, acc_dt, precision,
-                                          splits, blocks))
+        plan = _remember(key, delta_plan(_delta_partial_kernel, (_DELTA_BLOCKS, _DELTA_EXACT_D_BLOCKS), x2, points,
+                                         log_weights is not None, acc_dt, precision, splits, blocks, 1,
+                                         lambda bn: (x2, points, lw, center, s2, x2, s2.double(), s2, B, N, D, bn)))
     grid, S, n_per_split, consts = plan
     # Three allocations, not one split into views: on the host a view costs as much as an allocation.
     acc = torch.zeros((S, B, D), dtype=acc_dt, device=dev)
@@ -505,6 +511,18 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
     return out, log_z
 
 
+def gmm_operands(x2, log_weights, means, bases, eigvals, lam_perp, sigma):
+    """(acc_dt, x2, means, s2, bases, eigvals, lam_perp, log_weights) as the GMM kernels take them: contiguous,
+    sigma^2 clamped per row, a live buffer in place of an absent operand (the kernels do not touch it)."""
+    acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
+    x2, means = x2.contiguous(), means.contiguous()
+    s2 = clamped_sigma_sq(sigma, x2.shape[0], acc_dt)
+    has_bases = bases is not None and bases.shape[2] > 0
+    return (acc_dt, x2, means, s2, bases.contiguous() if has_bases else means,
+            as_contiguous(eigvals, acc_dt) if has_bases else s2,
+            as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2, as_contiguous(log_weights, acc_dt))
+
+
 def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, bases: torch.Tensor | None,
                 eigvals: torch.Tensor | None, lam_perp: torch.Tensor | None, center: torch.Tensor,
                 sigma: torch.Tensor, score: bool = False, return_weights: bool = False,
@@ -514,18 +532,14 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
 
     Any rank r: the modes are processed in slices of BLOCK_R <= max_block_r with c = U_k^T (x - mu_k) kept
     in a [S, B, r] scratch between the two passes over d."""
-    acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
-    x2, means, center = x2.contiguous(), means.contiguous(), as_contiguous(center, acc_dt)
+    acc_dt, x2, means, s2, bases_c, eig_c, lp_c, lw_c = gmm_operands(x2, log_weights, means, bases, eigvals, lam_perp,
+                                                                     sigma)
+    center = as_contiguous(center, acc_dt)
     B, D = x2.shape
     K = means.shape[0]
     R = 0 if bases is None else bases.shape[2]
-    s2 = clamped_sigma_sq(sigma, B, acc_dt)
     dev = x2.device
     has_bases = R > 0
-    bases_c = bases.contiguous() if has_bases else means
-    eig_c = as_contiguous(eigvals, acc_dt) if has_bases else s2
-    lp_c = as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2
-    lw_c = as_contiguous(log_weights, acc_dt)
     key = ("gmm", B, K, D, R, acc_dt, x2.dtype, means.dtype, bases_c.dtype, lam_perp is not None, score,
            return_weights, precision, splits, blocks, max_block_r, dev)
     plan = _PLANS.get(key)
@@ -607,15 +621,8 @@ def aot_cases(full: bool = False):
         yield gmm("fp64", "ieee", True, False, True)
         yield delta("fp32", "fp32", "ieee", True, exact_d=True)
         return
-    for is_f32, big in _DELTA_BLOCKS:
-        if is_f32:
-            for prec in AOT_PRECISIONS:
-                for pts in ("fp32", "bf16"):
-                    yield delta("fp32", pts, prec, big)
-        else:
-            yield delta("fp64", "fp64", "ieee", big)
-    for pts in ("fp32", "bf16"):
-        yield delta("fp32", pts, "ieee", True, exact_d=True)
+    for variant in aot_delta_variants(_DELTA_BLOCKS):
+        yield delta(*variant)
     for is_f32, big in _GMM_BLOCKS:
         for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
             for full_rank, score in ((False, False), (True, True)):
@@ -623,3 +630,18 @@ def aot_cases(full: bool = False):
 
 
 AOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def aot_delta_variants(blocks):
+    """(accumulation dtype, points dtype, precision, B > 16, exact d) of every entry of a training-set tile table
+    keyed by (float32, B > 16): float32 in every precision mode with float32 and bf16 points, then the
+    low-d (float64 tile) entry."""
+    for is_f32, big in blocks:
+        if is_f32:
+            for prec in AOT_PRECISIONS:
+                for pts in ("fp32", "bf16"):
+                    yield "fp32", pts, prec, big, False
+        else:
+            yield "fp64", "fp64", "ieee", big, False
+    for pts in ("fp32", "bf16"):
+        yield "fp32", pts, "ieee", True, True

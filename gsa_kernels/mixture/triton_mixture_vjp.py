@@ -39,9 +39,10 @@ from .._core.cache import as_contiguous
 from .._core.dtypes import compute_dtype
 from .._core.launch import cdiv, device_guard, split_count
 from .._core.lse import merge_states
-from .triton_mixture import (AOT_PRECISIONS, EXACT_DIM, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS, _chunk_columns,
-                             _chunk_frame_slice, _chunk_logits, _chunk_softmax, _exact_dominant_logit, _gmm_logit,
-                             _gmm_mode_gain, _log1p, _online_update, _PLANS, _remember, _tl_dtype, clamped_sigma_sq)
+from .triton_mixture import (AOT_PRECISIONS, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS, _chunk_columns, _chunk_frame_slice,
+                             _chunk_logits, _chunk_softmax, _delta_split_start, _exact_dominant_logit, _gmm_logit,
+                             _gmm_mode_gain, _log1p, _online_update, _PLANS, _remember, _tl_dtype, aot_delta_variants,
+                             clamped_sigma_sq, delta_plan, gmm_operands)
 
 
 @triton.jit
@@ -67,16 +68,8 @@ def _delta_vjp_partial_kernel(
     HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, LOGIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(tl.float64)
-    n_lo = pid_s * n_per_split
-    n_hi = tl.minimum(n_lo + n_per_split, N)
-    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
-    arg_run = tl.full((BLOCK_B,), -1, tl.int32)
-    l_run = tl.zeros((BLOCK_B,), ACC)
+    pid_s, rows, row_ok, half_inv_s2, n_lo, n_hi, m_run, arg_run, l_run = _delta_split_start(
+        s2_ptr, B, N, n_per_split, ACC, BLOCK_B)
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     e0_base = acc_ptr + (pid_s * 2 * B).to(tl.int64) * D
     e1_base = acc_ptr + (pid_s * 2 * B + B).to(tl.int64) * D
@@ -298,26 +291,9 @@ def delta_mixture_vjp(x2: torch.Tensor, points: torch.Tensor, log_weights: torch
            precision, splits, blocks, dev)
     plan = _PLANS.get(key)
     if plan is None:
-        exact_d = acc_dt == torch.float32 and D <= EXACT_DIM  # float64 tiles, as the forward
-        logit_dt = torch.float64 if exact_d else acc_dt
-        if blocks is None:
-            blocks = _DELTA_VJP_EXACT_D_BLOCKS if exact_d else _DELTA_VJP_BLOCKS[(acc_dt == torch.float32, B > 16)]
-        bb, bn, bd, warps = blocks
-        row_blocks = cdiv(B, bb)
-        n_chunks = cdiv(N, bn)
-        consts = dict(HAS_LW=log_weights is not None, PRECISION=precision if logit_dt == torch.float32 else "ieee",
-                      ACC=_tl_dtype(acc_dt), LOGIT=_tl_dtype(logit_dt), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd,
-                      num_warps=warps)
-        S = splits
-        if S is None:
-            S = split_count(_delta_vjp_partial_kernel, dev, row_blocks, n_chunks, 2 * B * D,
-                            (acc_dt, points.dtype, frame2.dtype, v2.dtype, *consts.items()),
-                            lambda: ((x2, points, lw, s2, frame2, v2, x2, s2.double(), s2, B, N, D, bn), consts),
-                            WORKSPACE_ELEMENTS)
-        S = max(1, min(int(S), n_chunks))
-        n_per_split = cdiv(n_chunks, S) * bn
-        S = cdiv(N, n_per_split)
-        plan = _remember(key, ((row_blocks, S), S, n_per_split, consts))
+        plan = _remember(key, delta_plan(_delta_vjp_partial_kernel, (_DELTA_VJP_BLOCKS, _DELTA_VJP_EXACT_D_BLOCKS),
+                                         x2, points, log_weights is not None, acc_dt, precision, splits, blocks, 2,
+                                         lambda bn: (x2, points, lw, s2, frame2, v2, x2, s2.double(), s2, B, N, D, bn)))
     grid, S, n_per_split, consts = plan
     acc, m, l = _state_buffers(S, 2, B, D, acc_dt, dev)
     if B > 0:
@@ -332,18 +308,14 @@ def gmm_vjp(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, ba
             frame2: torch.Tensor, v2: torch.Tensor, precision: str = "ieee", splits: int | None = None,
             blocks: tuple[int, int, int] | None = None, max_block_r: int = _GMM_VJP_MAX_BLOCK_R) -> torch.Tensor:
     """J^T v [B, d] (accumulation dtype) of the GMM denoiser at x2 [B, d] about the frame frame2 [B, d]."""
-    acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
-    x2, means, frame2, v2 = x2.contiguous(), means.contiguous(), frame2.contiguous(), v2.contiguous()
+    acc_dt, x2, means, s2, bases_c, eig_c, lp_c, lw_c = gmm_operands(x2, log_weights, means, bases, eigvals, lam_perp,
+                                                                     sigma)
+    frame2, v2 = frame2.contiguous(), v2.contiguous()
     B, D = x2.shape
     K = means.shape[0]
     R = 0 if bases is None else bases.shape[2]
-    s2 = clamped_sigma_sq(sigma, B, acc_dt)
     dev = x2.device
     has_bases = R > 0
-    bases_c = bases.contiguous() if has_bases else means
-    eig_c = as_contiguous(eigvals, acc_dt) if has_bases else s2
-    lp_c = as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2
-    lw_c = as_contiguous(log_weights, acc_dt)
     key = ("gmm_vjp", B, K, D, R, acc_dt, x2.dtype, means.dtype, bases_c.dtype, frame2.dtype, v2.dtype,
            lam_perp is not None, precision, splits, blocks, max_block_r, dev)
     plan = _PLANS.get(key)
@@ -407,15 +379,8 @@ def aot_cases(full: bool = False):
         yield gmm("fp32", "ieee", False, True)
         yield gmm("fp64", "ieee", True, False)
         return
-    for is_f32, big in _DELTA_VJP_BLOCKS:
-        if is_f32:
-            for prec in AOT_PRECISIONS:
-                for pts in ("fp32", "bf16"):
-                    yield delta("fp32", pts, prec, big)
-        else:
-            yield delta("fp64", "fp64", "ieee", big)
-    for pts in ("fp32", "bf16"):
-        yield delta("fp32", pts, "ieee", True, exact_d=True)
+    for variant in aot_delta_variants(_DELTA_VJP_BLOCKS):
+        yield delta(*variant)
     for is_f32, big in _GMM_VJP_BLOCKS:
         for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
             for full_rank in (False, True):
