@@ -13,13 +13,14 @@ by the one merge of _core/lse.py (merge_states); the epilogue above is one row r
 elementwise ops (three for the GMM).
 
 * ``_delta_vjp_partial_kernel`` (training set, D_i = x_i, A_i = 0). Per chunk of BLOCK_N points: pass 1
-  over d forms the logits as the forward does (centred dots by ``tl.dot``) and, with a second ``tl.dot``,
-  v.(x_i - ctr); beta_i = v.(x_i - F) = v.(x_i - ctr) - v.(F - ctr). Pass 2 over d adds
-  (p beta) (x_i - ctr) and p (x_i - ctr) to the two accumulators. At the end of its split a program subtracts
-  (sum p beta) (F - ctr) and (sum p) (F - ctr) (linear, so exact under the merge): the states then hold the
-  sums about F. The rounding left is that of the centred GEMM operands, eps ||x_i - ctr||, as in the forward.
+  over d forms the forward's logits with the forward's device functions (chunk frame c, float64 row term and
+  running max, float64 tiles for d <= EXACT_DIM) and, from the same tiles, v.(x_i - c) by a second ``tl.dot``
+  and v.(c - F); beta_i = v.(x_i - F) is their sum. Pass 2 over d adds (p beta) (x_i - F) and p (x_i - F) as
+  a GEMM on x_i - c plus a rank-one term in c - F. At the end of its split the max is the exact dominant
+  logit, as in the forward (docs/math.md section 3.2).
 * ``_gmm_vjp_partial_kernel`` (GMM, any rank r). One component at a time, as the forward: pass 1 computes
-  x - mu_k exactly, the logit, v.(mu_k - F), and per BLOCK_R slice of modes c = U_k^T (x - mu_k) and
+  q = ||x - mu_k||^2 from exact float64 differences, the float64 logit (the forward's _gmm_logit),
+  v.(mu_k - F), and per BLOCK_R slice of modes c = U_k^T (x - mu_k) and
   w = U_k^T v (both kept in a [S, B, 2 r] scratch). D_k - F = cm (mu_k - F) + cx (x - F) + U_k (g c) is
   then formed elementwise from direct differences (cm, cx, g the forward's denoiser coefficients: 1 - a,
   a, b - a), so no term is a difference of large numbers; A_k v = cx v + U_k (g w).
