@@ -109,7 +109,7 @@ def delta_mixture_vjp_cuda(x, points, log_weights, sigma, frame, v, center=None,
     meta.check_vjp_operands(x, frame, v)
     _need_triton()
     _check_values_once(log_weights, center=center)
-    out = triton_mixture_vjp.delta_mixture_vjp(_rows(x, B, d), points, log_weights, _center(center, points), sigma,
+    out = triton_mixture_vjp.delta_mixture_vjp(_rows(x, B, d), points, log_weights, sigma,
                                                _rows(frame, B, d), _rows(v, B, d),
                                                precision=config.kernel_precision(x.device))
     return _as_x(out, x)

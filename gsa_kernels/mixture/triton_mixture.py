@@ -112,63 +112,123 @@ def _online_update(m_run, logit):
 
 
 @triton.jit
+def _chunk_columns(n0, n_hi, BLOCK_N: tl.constexpr, LOGIT: tl.constexpr):
+    """(columns, their mask, 1 / their count) of the chunk of points starting at n0."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    # (A float32 reciprocal: the frame need not be the exact mean, and a float64 division is a call.)
+    inv_count = (1.0 / tl.minimum(n_hi - n0, BLOCK_N).to(tl.float32)).to(LOGIT)
+    return cols, cols < n_hi, inv_count
+
+
+@triton.jit
+def _chunk_frame_slice(pts_ptr, cols, col_ok, d0, D, inv_count, BLOCK_D: tl.constexpr, LOGIT: tl.constexpr):
+    """(x_i - c [BLOCK_N, BLOCK_D], c [BLOCK_D]) of one d slice of a chunk in its own frame c (the mean of its
+    points, formed from the tile in registers), in LOGIT."""
+    pt, pmask = _load_rows(pts_ptr, cols, col_ok, d0, D, BLOCK_D)
+    pt = pt.to(LOGIT)
+    frame = tl.sum(pt, axis=0) * inv_count
+    return tl.where(pmask, pt - frame[None, :], 0.0), frame
+
+
+@triton.jit
+def _chunk_logits(x_ptr, pts_ptr, lw_ptr, v_ptr, f_ptr, rows, row_ok, cols, col_ok, inv_count, half_inv_s2, D,
+                  HAS_LW: tl.constexpr, WITH_V: tl.constexpr, PRECISION: tl.constexpr, LOGIT: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The logits of one chunk of points in its own frame c (docs/math.md section 3.2): (row [BLOCK_B] float64,
+    rel [BLOCK_B, BLOCK_N] LOGIT) with logit_i = lw_i - ||x - x_i||^2 / (2 s^2) = row + rel_i, and with WITH_V
+    also v.(x_i - c) [BLOCK_B, BLOCK_N] and v.(c - F) [BLOCK_B] (LOGIT) from the same tiles."""
+    # 1. One d slice at a time: dots (x - c)(x_i - c)^T, point norms ||x_i - c||^2 and, exactly in float64,
+    #    the row term ||x - c||^2.
+    dots = tl.zeros((BLOCK_B, BLOCK_N), LOGIT)
+    pnorm = tl.zeros((BLOCK_N,), LOGIT)
+    row_sq = tl.zeros((BLOCK_B,), tl.float64)
+    v_pts = tl.zeros((BLOCK_B, BLOCK_N), LOGIT)
+    v_cf = tl.zeros((BLOCK_B,), LOGIT)
+    for d0 in range(0, D, BLOCK_D):
+        xt, xmask = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D)
+        pk, frame = _chunk_frame_slice(pts_ptr, cols, col_ok, d0, D, inv_count, BLOCK_D, LOGIT)
+        xk = tl.where(xmask, xt.to(LOGIT) - frame[None, :], 0.0)
+        dots += tl.dot(xk, tl.trans(pk), input_precision=PRECISION)
+        pnorm += tl.sum(pk * pk, axis=1)
+        xd = tl.where(xmask, xt.to(tl.float64) - frame.to(tl.float64)[None, :], 0.0)
+        row_sq += tl.sum(xd * xd, axis=1)
+        if WITH_V:
+            vt, _ = _load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D)
+            ft, _ = _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D)
+            vt = vt.to(LOGIT)
+            v_pts += tl.dot(vt, tl.trans(pk), input_precision=PRECISION)
+            v_cf += tl.sum(tl.where(xmask, vt * (frame[None, :] - ft.to(LOGIT)), 0.0), axis=1)
+    # 2. rel_i = lw_i - (||x_i - c||^2 - 2 (x - c).(x_i - c)) / (2 s^2) in LOGIT, the row part in float64.
+    rel = (2.0 * dots - pnorm[None, :]) * half_inv_s2.to(LOGIT)[:, None]
+    rel = tl.where(rel == rel, tl.minimum(tl.maximum(rel, -QUAD_MAX), QUAD_MAX), -QUAD_MAX)
+    if HAS_LW:
+        rel += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(LOGIT)[None, :]
+    rel = tl.where(col_ok[None, :], rel, float("-inf"))
+    return -row_sq * half_inv_s2, rel, v_pts, v_cf
+
+
+@triton.jit
+def _chunk_softmax(row, rel, n0, m_run, arg_run, LOGIT: tl.constexpr):
+    """The online softmax over one chunk's logits row + rel: (m_run, arg_run (the index of the running max's
+    point), alpha, p [BLOCK_B, BLOCK_N] in LOGIT) with the float64 running max."""
+    chunk_max = row + tl.max(rel, axis=1).to(tl.float64)
+    arg_run = tl.where(chunk_max > m_run, n0 + tl.argmax(rel, axis=1), arg_run)
+    m_run, alpha, shift = _online_update(m_run, chunk_max)
+    # row - shift <= -rel_i wherever rel_i is finite; the clamp keeps a masked (-inf) rel from meeting +inf.
+    return m_run, arg_run, alpha, tl.exp(tl.minimum(row - shift, QUAD_MAX).to(LOGIT)[:, None] + rel)
+
+
+@triton.jit
+def _exact_dominant_logit(x_ptr, pts_ptr, lw_ptr, rows, row_ok, m_run, arg_run, half_inv_s2, D,
+                          HAS_LW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The split's max replaced by its dominant logit recomputed exactly (x - x_* in float64): the state's log W
+    is then l_* + log sum_i exp(l~_i - l~_*) (docs/math.md section 3.2)."""
+    found = row_ok & (arg_run >= 0)
+    top = tl.where(found, arg_run, 0)
+    dist2 = tl.zeros((BLOCK_B,), tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        xt, xmask = _load_rows(x_ptr, rows, found, d0, D, BLOCK_D)
+        pt, _ = _load_rows(pts_ptr, top, found, d0, D, BLOCK_D)
+        xd = xt.to(tl.float64) - pt.to(tl.float64)
+        dist2 += tl.sum(xd * xd, axis=1)
+    exact = -dist2 * half_inv_s2
+    if HAS_LW:
+        exact += tl.load(lw_ptr + top, mask=found, other=0.0).to(tl.float64)
+    return tl.where(found, exact, m_run)
+
+
+@triton.jit
+def _delta_split_start(s2_ptr, B, N, n_per_split, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A training-set program's split, rows, 1 / (2 s^2) (float64: scales the exact row terms), its range of
+    points and the empty online-softmax state (float64 max, index of its point, sum)."""
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(tl.float64)
+    n_lo = pid_s * n_per_split
+    return (pid_s, rows, row_ok, half_inv_s2, n_lo, tl.minimum(n_lo + n_per_split, N),
+            tl.full((BLOCK_B,), float("-inf"), tl.float64), tl.full((BLOCK_B,), -1, tl.int32),
+            tl.zeros((BLOCK_B,), ACC))
+
+
+@triton.jit
 def _delta_partial_kernel(
     x_ptr, pts_ptr, lw_ptr, ctr_ptr, s2_ptr, acc_ptr, max_ptr, sum_ptr,
     B, N, D, n_per_split,
     HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, LOGIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0)
-    half_inv_s2 = 0.5 / s2.to(tl.float64)  # float64: scales the exact row terms
-    half_inv_s2_l = half_inv_s2.to(LOGIT)
-
-    n_lo = pid_s * n_per_split
-    n_hi = tl.minimum(n_lo + n_per_split, N)
-    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
-    arg_run = tl.full((BLOCK_B,), -1, tl.int32)
-    l_run = tl.zeros((BLOCK_B,), ACC)
+    pid_s, rows, row_ok, half_inv_s2, n_lo, n_hi, m_run, arg_run, l_run = _delta_split_start(
+        s2_ptr, B, N, n_per_split, ACC, BLOCK_B)
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_hi
-        # (A float32 reciprocal: the frame need not be the exact mean, and a float64 division is a call.)
-        inv_count = (1.0 / tl.minimum(n_hi - n0, BLOCK_N).to(tl.float32)).to(LOGIT)
-        # 1. In the chunk's frame c (the mean of its points, one d slice at a time from the tile in
-        #    registers): dots (x - c)(x_i - c)^T, point norms ||x_i - c||^2 and, exactly in float64,
-        #    the row term ||x - c||^2 (docs/math.md section 3.2).
-        dots = tl.zeros((BLOCK_B, BLOCK_N), LOGIT)
-        pnorm = tl.zeros((BLOCK_N,), LOGIT)
-        row_sq = tl.zeros((BLOCK_B,), tl.float64)
-        for d0 in range(0, D, BLOCK_D):
-            xt, xmask = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D)
-            pt, pmask = _load_rows(pts_ptr, cols, col_ok, d0, D, BLOCK_D)
-            pt = pt.to(LOGIT)
-            frame = tl.sum(pt, axis=0) * inv_count
-            xk = tl.where(xmask, xt.to(LOGIT) - frame[None, :], 0.0)
-            pk = tl.where(pmask, pt - frame[None, :], 0.0)
-            dots += tl.dot(xk, tl.trans(pk), input_precision=PRECISION)
-            pnorm += tl.sum(pk * pk, axis=1)
-            xd = tl.where(xmask, xt.to(tl.float64) - frame.to(tl.float64)[None, :], 0.0)
-            row_sq += tl.sum(xd * xd, axis=1)
-        # 2. logit = lw_i - ||x - x_i||^2 / (2 s^2) = row + rel_i with the row part in float64 and
-        #    rel_i = lw_i - (||x_i - c||^2 - 2 (x - c).(x_i - c)) / (2 s^2) in LOGIT; the online softmax.
-        rel = (2.0 * dots - pnorm[None, :]) * half_inv_s2_l[:, None]
-        rel = tl.where(rel == rel, tl.minimum(tl.maximum(rel, -QUAD_MAX), QUAD_MAX), -QUAD_MAX)
-        if HAS_LW:
-            rel += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(LOGIT)[None, :]
-        rel = tl.where(col_ok[None, :], rel, float("-inf"))
-        row = -row_sq * half_inv_s2
-        chunk_max = row + tl.max(rel, axis=1).to(tl.float64)
-        arg_run = tl.where(chunk_max > m_run, n0 + tl.argmax(rel, axis=1), arg_run)
-        m_run, alpha, shift = _online_update(m_run, chunk_max)
+        cols, col_ok, inv_count = _chunk_columns(n0, n_hi, BLOCK_N, LOGIT)
+        row, rel, _, _ = _chunk_logits(x_ptr, pts_ptr, lw_ptr, x_ptr, x_ptr, rows, row_ok, cols, col_ok, inv_count,
+                                       half_inv_s2, D, HAS_LW, False, PRECISION, LOGIT, BLOCK_B, BLOCK_N, BLOCK_D)
+        m_run, arg_run, alpha, p = _chunk_softmax(row, rel, n0, m_run, arg_run, LOGIT)
         alpha = alpha.to(ACC)
-        # row - shift <= -rel_i wherever rel_i is finite; the clamp keeps a masked (-inf) rel from meeting +inf.
-        p = tl.exp(tl.minimum(row - shift, QUAD_MAX).to(LOGIT)[:, None] + rel).to(ACC)
+        p = p.to(ACC)
         l_run = l_run * alpha + tl.sum(p, axis=1)
         # 3. acc = alpha acc + p (x_i - ctr), one d slice at a time.
         for d0 in range(0, D, BLOCK_D):
@@ -181,20 +241,8 @@ def _delta_partial_kernel(
             tl.store(a_ptrs, acc, mask=amask)
         # The next chunk reloads these acc tiles, possibly in another thread layout: order the accesses.
         tl.debug_barrier()
-    # The split's max is its dominant logit recomputed exactly (x - x_* in float64): the state's log W
-    # is then l_* + log sum_i exp(l~_i - l~_*) (docs/math.md section 3.2).
-    found = row_ok & (arg_run >= 0)
-    top = tl.where(found, arg_run, 0)
-    dist2 = tl.zeros((BLOCK_B,), tl.float64)
-    for d0 in range(0, D, BLOCK_D):
-        xt, xmask = _load_rows(x_ptr, rows, found, d0, D, BLOCK_D)
-        pt, _ = _load_rows(pts_ptr, top, found, d0, D, BLOCK_D)
-        xd = xt.to(tl.float64) - pt.to(tl.float64)
-        dist2 += tl.sum(xd * xd, axis=1)
-    exact = -dist2 * half_inv_s2
-    if HAS_LW:
-        exact += tl.load(lw_ptr + top, mask=found, other=0.0).to(tl.float64)
-    m_run = tl.where(found, exact, m_run)
+    m_run = _exact_dominant_logit(x_ptr, pts_ptr, lw_ptr, rows, row_ok, m_run, arg_run, half_inv_s2, D, HAS_LW,
+                                  BLOCK_B, BLOCK_D)
     tl.store(max_ptr + pid_s * B + rows, m_run, mask=row_ok)
     tl.store(sum_ptr + pid_s * B + rows, l_run, mask=row_ok)
 
@@ -210,6 +258,18 @@ def _gmm_mode_gain(p, cm, lam, lam_perp, v, FULL_RANK: tl.constexpr, SCORE: tl.c
     else:
         g = (p * cm)[:, None] * (lam[None, :] - lam_perp) / v
     return g
+
+
+@triton.jit
+def _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RANK: tl.constexpr):
+    """Component k's float64 logit per row from q = ||x - mu_k||^2, the modes' sums of c^2 / v (quad),
+    log1p(lam / s^2) (logdet) and c^2 (proj), all float64, and the complement's terms (docs/math.md 3.2)."""
+    if not FULL_RANK:
+        lp_f64 = tl.zeros_like(q) + lam_perp  # lam_perp is float32-exact
+        vp_f64 = tl.minimum(tl.maximum(lp_f64 + s2_f64, VAR_MIN), VAR_MAX)
+        quad += tl.maximum(q - proj, 0.0) / vp_f64
+        logdet += (D - R) * _log1p(tl.minimum(lp_f64 / s2_f64, VAR_MAX))
+    return tl.load(lw_ptr + k).to(tl.float64) - 0.5 * (tl.minimum(quad, QUAD_MAX_F64) + logdet)
 
 
 @triton.jit
@@ -286,12 +346,7 @@ def _gmm_partial_kernel(
                                           0.0), axis=1).to(tl.float64)
                 proj += tl.sum(c * c, axis=1).to(tl.float64)
                 tl.store(c_base + rows64[:, None] * R + modes[None, :], c, mask=row_ok[:, None] & mode_ok[None, :])
-        if not FULL_RANK:
-            lp_f64 = tl.zeros((BLOCK_B,), tl.float64) + lam_perp  # lam_perp is float32-exact
-            vp_f64 = tl.minimum(tl.maximum(lp_f64 + s2_f64, VAR_MIN), VAR_MAX)
-            quad += tl.maximum(q - proj, 0.0) / vp_f64
-            logdet += (D - R) * _log1p(tl.minimum(lp_f64 / s2_f64, VAR_MAX))
-        logit = tl.load(lw_ptr + k).to(tl.float64) - 0.5 * (tl.minimum(quad, QUAD_MAX_F64) + logdet)
+        logit = _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RANK)
         if STORE_LOGITS:
             tl.store(logit_ptr + rows.to(tl.int64) * K + k, logit, mask=row_ok)
         m_run, alpha, shift = _online_update(m_run, logit)
@@ -384,24 +439,25 @@ _PLANS = LaunchPlans()
 _remember = _PLANS.remember
 
 
-def _delta_plan(x2, points, lw, center, s2, has_lw, acc_dt, precision, splits, blocks):
-    """(grid, S, n_per_split, constexprs) of one training-set launch."""
+def delta_plan(kernel, tile_tables, x2, points, has_lw, acc_dt, precision, splits, blocks, n_acc, sample_args):
+    """(grid, S, n_per_split, constexprs) of one launch of a training-set kernel (the forward, or the VJP with
+    n_acc accumulators of [B, d]): tiles from tile_tables = (entries keyed by (float32, B > 16), the low-d entry),
+    sample_args(BLOCK_N) the arguments of a sample launch for the split count."""
     B, D = x2.shape
     N = points.shape[0]
     exact_d = acc_dt == torch.float32 and D <= EXACT_DIM  # the chunk's cross terms in float64
     logit_dt = torch.float64 if exact_d else acc_dt
     if blocks is None:
-        blocks = _DELTA_EXACT_D_BLOCKS if exact_d else _DELTA_BLOCKS[(acc_dt == torch.float32, B > 16)]
+        blocks = tile_tables[1] if exact_d else tile_tables[0][(acc_dt == torch.float32, B > 16)]
     bb, bn, bd, warps = blocks
     row_blocks = cdiv(B, bb)
     n_chunks = cdiv(N, bn)
-    prec = precision if acc_dt == torch.float32 else "ieee"
+    prec = precision if logit_dt == torch.float32 else "ieee"  # (float64 tiles: TF32 does not apply)
     consts = dict(HAS_LW=has_lw, PRECISION=prec, ACC=_tl_dtype(acc_dt), LOGIT=_tl_dtype(logit_dt),
                   BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
     if splits is None:
-        splits = split_count(_delta_partial_kernel, x2.device, row_blocks, n_chunks, B * D,
-                             (acc_dt, points.dtype, *consts.items()),
-                             lambda: ((x2, points, lw, center, s2, x2, s2.double(), s2, B, N, D, bn), consts),
+        splits = split_count(kernel, x2.device, row_blocks, n_chunks, n_acc * B * D,
+                             (acc_dt, points.dtype, *consts.items()), lambda: (sample_args(bn), consts),
                              WORKSPACE_ELEMENTS)
     S = max(1, min(int(splits), n_chunks))
     n_per_split = cdiv(n_chunks, S) * bn
@@ -429,8 +485,9 @@ def delta_mixture_forward(x2: torch.Tensor, points: torch.Tensor, log_weights: t
            dev)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _remember(key, _delta_plan(x2, points, lw, center, s2, log_weights is not None, acc_dt, precision,
-                                          splits, blocks))
+        plan = _remember(key, delta_plan(_delta_partial_kernel, (_DELTA_BLOCKS, _DELTA_EXACT_D_BLOCKS), x2, points,
+                                         log_weights is not None, acc_dt, precision, splits, blocks, 1,
+                                         lambda bn: (x2, points, lw, center, s2, x2, s2.double(), s2, B, N, D, bn)))
     grid, S, n_per_split, consts = plan
     # The partial states: scratch tensors reused between calls of this signature (the kernel writes m and l
     # and accumulates into acc, zeroed here).
@@ -459,6 +516,18 @@ def _gmm_workspace(S, B, D, K, R, return_weights, acc_dt, dev):
     return acc, m, l, x_sum, logits, c_scratch
 
 
+def gmm_operands(x2, log_weights, means, bases, eigvals, lam_perp, sigma):
+    """(acc_dt, x2, means, s2, bases, eigvals, lam_perp, log_weights) as the GMM kernels take them: contiguous,
+    sigma^2 clamped per row, a live buffer in place of an absent operand (the kernels do not touch it)."""
+    acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
+    x2, means = x2.contiguous(), means.contiguous()
+    s2 = clamped_sigma_sq(sigma, x2.shape[0], acc_dt)
+    has_bases = bases is not None and bases.shape[2] > 0
+    return (acc_dt, x2, means, s2, bases.contiguous() if has_bases else means,
+            as_contiguous(eigvals, acc_dt) if has_bases else s2,
+            as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2, as_contiguous(log_weights, acc_dt))
+
+
 def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, bases: torch.Tensor | None,
                 eigvals: torch.Tensor | None, lam_perp: torch.Tensor | None, center: torch.Tensor,
                 sigma: torch.Tensor, score: bool = False, return_weights: bool = False,
@@ -468,18 +537,14 @@ def gmm_forward(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor
 
     Any rank r: the modes are processed in slices of BLOCK_R <= max_block_r with c = U_k^T (x - mu_k) kept
     in a [S, B, r] scratch between the two passes over d."""
-    acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
-    x2, means, center = x2.contiguous(), means.contiguous(), as_contiguous(center, acc_dt)
+    acc_dt, x2, means, s2, bases_c, eig_c, lp_c, lw_c = gmm_operands(x2, log_weights, means, bases, eigvals, lam_perp,
+                                                                     sigma)
+    center = as_contiguous(center, acc_dt)
     B, D = x2.shape
     K = means.shape[0]
     R = 0 if bases is None else bases.shape[2]
-    s2 = clamped_sigma_sq(sigma, B, acc_dt)
     dev = x2.device
     has_bases = R > 0
-    bases_c = bases.contiguous() if has_bases else means
-    eig_c = as_contiguous(eigvals, acc_dt) if has_bases else s2
-    lp_c = as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2
-    lw_c = as_contiguous(log_weights, acc_dt)
     key = ("gmm", B, K, D, R, acc_dt, x2.dtype, means.dtype, bases_c.dtype, lam_perp is not None, score,
            return_weights, precision, splits, blocks, max_block_r, dev)
     plan = _PLANS.get(key)
@@ -559,15 +624,8 @@ def aot_cases(full: bool = False):
         yield gmm("fp64", "ieee", True, False, True)
         yield delta("fp32", "fp32", "ieee", True, exact_d=True)
         return
-    for is_f32, big in _DELTA_BLOCKS:
-        if is_f32:
-            for prec in AOT_PRECISIONS:
-                for pts in ("fp32", "bf16"):
-                    yield delta("fp32", pts, prec, big)
-        else:
-            yield delta("fp64", "fp64", "ieee", big)
-    for pts in ("fp32", "bf16"):
-        yield delta("fp32", pts, "ieee", True, exact_d=True)
+    for variant in aot_delta_variants(_DELTA_BLOCKS):
+        yield delta(*variant)
     for is_f32, big in _GMM_BLOCKS:
         for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
             for full_rank, score in ((False, False), (True, True)):
@@ -575,3 +633,18 @@ def aot_cases(full: bool = False):
 
 
 AOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def aot_delta_variants(blocks):
+    """(accumulation dtype, points dtype, precision, B > 16, exact d) of every entry of a training-set tile table
+    keyed by (float32, B > 16): float32 in every precision mode with float32 and bf16 points, then the
+    low-d (float64 tile) entry."""
+    for is_f32, big in blocks:
+        if is_f32:
+            for prec in AOT_PRECISIONS:
+                for pts in ("fp32", "bf16"):
+                    yield "fp32", pts, prec, big, False
+        else:
+            yield "fp64", "fp64", "ieee", big, False
+    for pts in ("fp32", "bf16"):
+        yield "fp32", pts, "ieee", True, True

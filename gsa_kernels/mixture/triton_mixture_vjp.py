@@ -13,13 +13,14 @@ by the one merge of _core/lse.py (merge_states); the epilogue above is one row r
 elementwise ops (three for the GMM).
 
 * ``_delta_vjp_partial_kernel`` (training set, D_i = x_i, A_i = 0). Per chunk of BLOCK_N points: pass 1
-  over d forms the logits as the forward does (centred dots by ``tl.dot``) and, with a second ``tl.dot``,
-  v.(x_i - ctr); beta_i = v.(x_i - F) = v.(x_i - ctr) - v.(F - ctr). Pass 2 over d adds
-  (p beta) (x_i - ctr) and p (x_i - ctr) to the two accumulators. At the end of its split a program subtracts
-  (sum p beta) (F - ctr) and (sum p) (F - ctr) (linear, so exact under the merge): the states then hold the
-  sums about F. The rounding left is that of the centred GEMM operands, eps ||x_i - ctr||, as in the forward.
+  over d forms the forward's logits with the forward's device functions (chunk frame c, float64 row term and
+  running max, float64 tiles for d <= EXACT_DIM) and, from the same tiles, v.(x_i - c) by a second ``tl.dot``
+  and v.(c - F); beta_i = v.(x_i - F) is their sum. Pass 2 over d adds (p beta) (x_i - F) and p (x_i - F) as
+  a GEMM on x_i - c plus a rank-one term in c - F. At the end of its split the max is the exact dominant
+  logit, as in the forward (docs/math.md section 3.2).
 * ``_gmm_vjp_partial_kernel`` (GMM, any rank r). One component at a time, as the forward: pass 1 computes
-  x - mu_k exactly, the logit, v.(mu_k - F), and per BLOCK_R slice of modes c = U_k^T (x - mu_k) and
+  q = ||x - mu_k||^2 from exact float64 differences, the float64 logit (the forward's _gmm_logit),
+  v.(mu_k - F), and per BLOCK_R slice of modes c = U_k^T (x - mu_k) and
   w = U_k^T v (both kept in a [S, B, 2 r] scratch). D_k - F = cm (mu_k - F) + cx (x - F) + U_k (g c) is
   then formed elementwise from direct differences (cm, cx, g the forward's denoiser coefficients: 1 - a,
   a, b - a), so no term is a difference of large numbers; A_k v = cx v + U_k (g w).
@@ -39,8 +40,10 @@ from .._core.cache import as_contiguous
 from .._core.dtypes import compute_dtype
 from .._core.launch import cdiv, device_guard, split_count
 from .._core.lse import merge_states
-from .triton_mixture import (AOT_PRECISIONS, QUAD_MAX, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS, _gmm_mode_gain,
-                             _load_centred, _log1p, _online_update, _PLANS, _remember, _tl_dtype, clamped_sigma_sq)
+from .triton_mixture import (AOT_PRECISIONS, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS, _chunk_columns, _chunk_frame_slice,
+                             _chunk_logits, _chunk_softmax, _delta_split_start, _exact_dominant_logit, _gmm_logit,
+                             _gmm_mode_gain, _log1p, _online_update, _PLANS, _remember, _tl_dtype, aot_delta_variants,
+                             clamped_sigma_sq, delta_plan, gmm_operands)
 
 
 @triton.jit
@@ -61,79 +64,46 @@ def _store_shared_state(max_ptr, sum_ptr, m_run, l_run, pid_s, B, rows, row_ok, 
 
 @triton.jit
 def _delta_vjp_partial_kernel(
-    x_ptr, pts_ptr, lw_ptr, ctr_ptr, s2_ptr, f_ptr, v_ptr, acc_ptr, max_ptr, sum_ptr,
+    x_ptr, pts_ptr, lw_ptr, s2_ptr, f_ptr, v_ptr, acc_ptr, max_ptr, sum_ptr,
     B, N, D, n_per_split,
-    HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    HAS_LW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, LOGIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    half_inv_s2 = 0.5 / tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
-    xnorm = tl.zeros((BLOCK_B,), ACC)
-    v_f = tl.zeros((BLOCK_B,), ACC)  # v.(F - ctr)
-    for d0 in range(0, D, BLOCK_D):
-        xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-        xnorm += tl.sum(xt * xt, axis=1)
-        ft = _load_centred(f_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-        v_f += tl.sum(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) * ft, axis=1)
-
-    n_lo = pid_s * n_per_split
-    n_hi = tl.minimum(n_lo + n_per_split, N)
-    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
-    l_run = tl.zeros((BLOCK_B,), ACC)
-    b_run = tl.zeros((BLOCK_B,), ACC)  # sum p beta
+    pid_s, rows, row_ok, half_inv_s2, n_lo, n_hi, m_run, arg_run, l_run = _delta_split_start(
+        s2_ptr, B, N, n_per_split, ACC, BLOCK_B)
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     e0_base = acc_ptr + (pid_s * 2 * B).to(tl.int64) * D
     e1_base = acc_ptr + (pid_s * 2 * B + B).to(tl.int64) * D
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_hi
-        # 1. dots, v.(x_i - ctr) and point norms, centred.
-        dots = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-        v_pts = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-        pnorm = tl.zeros((BLOCK_N,), ACC)
-        for d0 in range(0, D, BLOCK_D):
-            xt = _load_centred(x_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-            vt = _load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-            pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
-            dots += tl.dot(xt, tl.trans(pt), input_precision=PRECISION)
-            v_pts += tl.dot(vt, tl.trans(pt), input_precision=PRECISION)
-            pnorm += tl.sum(pt * pt, axis=1)
-        # 2. logits (as the forward) and the online softmax.
-        dist2 = tl.maximum(xnorm[:, None] - 2.0 * dots + pnorm[None, :], 0.0)
-        logit = -tl.minimum(dist2 * half_inv_s2[:, None], QUAD_MAX)
-        if HAS_LW:
-            logit += tl.load(lw_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        logit = tl.where(col_ok[None, :], logit, float("-inf"))
-        m_run, alpha, shift = _online_update(m_run, tl.max(logit, axis=1))
-        p = tl.exp(logit - shift[:, None])
-        pb = p * (v_pts - v_f[:, None])  # p beta_i, beta_i = v.(x_i - F)
-        l_run = l_run * alpha + tl.sum(p, axis=1)
-        b_run = b_run * alpha + tl.sum(pb, axis=1)
-        # 3. E0 = alpha E0 + (p beta) (x_i - ctr), E1 = alpha E1 + p (x_i - ctr), one d slice at a time.
+        cols, col_ok, inv_count = _chunk_columns(n0, n_hi, BLOCK_N, LOGIT)
+        # 1-2. The forward's logits in the chunk's frame c, with v.(x_i - c) and v.(c - F) from the same tiles.
+        row, rel, v_pts, v_cf = _chunk_logits(x_ptr, pts_ptr, lw_ptr, v_ptr, f_ptr, rows, row_ok, cols, col_ok,
+                                              inv_count, half_inv_s2, D, HAS_LW, True, PRECISION, LOGIT,
+                                              BLOCK_B, BLOCK_N, BLOCK_D)
+        m_run, arg_run, alpha, p = _chunk_softmax(row, rel, n0, m_run, arg_run, LOGIT)
+        pb = p * (v_pts + v_cf[:, None])  # p beta_i, beta_i = v.(x_i - F)
+        p_sum = tl.sum(p, axis=1)
+        pb_sum = tl.sum(pb, axis=1)
+        l_run = l_run * alpha.to(ACC) + p_sum.to(ACC)
+        alpha = alpha.to(LOGIT)
+        # 3. E0 = alpha E0 + sum_i p beta_i (x_i - F), E1 = alpha E1 + sum_i p (x_i - F) with x_i - F = (x_i - c)
+        #    + (c - F): a GEMM on the chunk's small differences plus a rank-one term, in LOGIT.
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             amask = row_ok[:, None] & (dd < D)[None, :]
             offs = rows64[:, None] * D + dd[None, :]
-            pt = _load_centred(pts_ptr, ctr_ptr, cols, col_ok, d0, D, BLOCK_D, ACC)
-            e0 = tl.load(e0_base + offs, mask=amask, other=0.0) * alpha[:, None]
-            e0 += tl.dot(pb, pt, input_precision=PRECISION)
-            tl.store(e0_base + offs, e0, mask=amask)
-            e1 = tl.load(e1_base + offs, mask=amask, other=0.0) * alpha[:, None]
-            e1 += tl.dot(p, pt, input_precision=PRECISION)
-            tl.store(e1_base + offs, e1, mask=amask)
+            pk, frame = _chunk_frame_slice(pts_ptr, cols, col_ok, d0, D, inv_count, BLOCK_D, LOGIT)
+            cf = frame[None, :] - _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D, LOGIT)
+            e0 = tl.load(e0_base + offs, mask=amask, other=0.0).to(LOGIT) * alpha[:, None] + pb_sum[:, None] * cf
+            e0 += tl.dot(pb, pk, input_precision=PRECISION)
+            tl.store(e0_base + offs, e0.to(ACC), mask=amask)
+            e1 = tl.load(e1_base + offs, mask=amask, other=0.0).to(LOGIT) * alpha[:, None] + p_sum[:, None] * cf
+            e1 += tl.dot(p, pk, input_precision=PRECISION)
+            tl.store(e1_base + offs, e1.to(ACC), mask=amask)
         # The next chunk reloads these tiles, possibly in another thread layout: order the accesses.
         tl.debug_barrier()
-    # Move the split's sums from the centre to the frame F: - (sum p beta) (F - ctr), - (sum p) (F - ctr).
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        amask = row_ok[:, None] & (dd < D)[None, :]
-        offs = rows64[:, None] * D + dd[None, :]
-        ft = _load_centred(f_ptr, ctr_ptr, rows, row_ok, d0, D, BLOCK_D, ACC)
-        tl.store(e0_base + offs, tl.load(e0_base + offs, mask=amask, other=0.0) - b_run[:, None] * ft, mask=amask)
-        tl.store(e1_base + offs, tl.load(e1_base + offs, mask=amask, other=0.0) - l_run[:, None] * ft, mask=amask)
+    m_run = _exact_dominant_logit(x_ptr, pts_ptr, lw_ptr, rows, row_ok, m_run, arg_run, half_inv_s2, D, HAS_LW,
+                                  BLOCK_B, BLOCK_D)
     _store_shared_state(max_ptr, sum_ptr, m_run, l_run, pid_s, B, rows, row_ok, 2)
 
 
@@ -150,6 +120,7 @@ def _gmm_vjp_partial_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
+    s2_f64 = s2.to(tl.float64)
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     v_xf = tl.zeros((BLOCK_B,), ACC)  # v.(x - F)
     for d0 in range(0, D, BLOCK_D):
@@ -158,7 +129,7 @@ def _gmm_vjp_partial_kernel(
         v_xf += tl.sum(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) * (xt - ft), axis=1)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    m_run = tl.full((BLOCK_B,), float("-inf"), ACC)
+    m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
     l_run = tl.zeros((BLOCK_B,), ACC)
     e0_base = acc_ptr + (pid_s * 3 * B).to(tl.int64) * D
     e1_base = acc_ptr + (pid_s * 3 * B + B).to(tl.int64) * D
@@ -168,16 +139,16 @@ def _gmm_vjp_partial_kernel(
     for k in range(k_lo, k_hi):
         k64 = tl.cast(k, tl.int64)
         base_k = bases_ptr + k64 * D * R
-        # Pass 1a: exact differences x - mu_k, q = ||x - mu_k||^2 and v.(mu_k - F).
-        q = tl.zeros((BLOCK_B,), ACC)
+        # Pass 1a: q = ||x - mu_k||^2 from the exact float64 differences (as the forward), and v.(mu_k - F).
+        q = tl.zeros((BLOCK_B,), tl.float64)
         v_mf = tl.zeros((BLOCK_B,), ACC)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             mask = row_ok[:, None] & d_ok[None, :]
-            mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(ACC)
-            xc = tl.where(mask, _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) - mu[None, :], 0.0)
-            mf = tl.where(mask, mu[None, :] - _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D, ACC), 0.0)
+            mu = tl.load(means_ptr + k64 * D + dd, mask=d_ok, other=0.0).to(tl.float64)
+            xc = tl.where(mask, _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D, tl.float64) - mu[None, :], 0.0)
+            mf = tl.where(mask, mu.to(ACC)[None, :] - _load_rows(f_ptr, rows, row_ok, d0, D, BLOCK_D, ACC), 0.0)
             q += tl.sum(xc * xc, axis=1)
             v_mf += tl.sum(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC) * mf, axis=1)
         if HAS_LP:
@@ -192,9 +163,9 @@ def _gmm_vjp_partial_kernel(
         else:
             cm = s2 / v_perp
             cx = lam_perp / v_perp
-        quad = tl.zeros((BLOCK_B,), ACC)
-        logdet = tl.zeros((BLOCK_B,), ACC)
-        proj = tl.zeros((BLOCK_B,), ACC)
+        quad = tl.zeros((BLOCK_B,), tl.float64)
+        logdet = tl.zeros((BLOCK_B,), tl.float64)
+        proj = tl.zeros((BLOCK_B,), tl.float64)
         v_gc = tl.zeros((BLOCK_B,), ACC)  # v.U_k (g c) = sum_modes g c w
         if HAS_BASES:
             # Pass 1b: c = U_k^T (x - mu_k) and w = U_k^T v per BLOCK_R slice of modes, kept for pass 2.
@@ -215,21 +186,19 @@ def _gmm_vjp_partial_kernel(
                     w += tl.dot(_load_rows(v_ptr, rows, row_ok, d0, D, BLOCK_D, ACC), ut, input_precision=PRECISION)
                 lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
                 v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
-                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1)
+                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1).to(tl.float64)
                 logdet += tl.sum(tl.where(mode_ok[None, :], _log1p(tl.minimum(lam[None, :] / s2[:, None], VAR_MAX)),
-                                          0.0), axis=1)
-                proj += tl.sum(c * c, axis=1)
+                                          0.0), axis=1).to(tl.float64)
+                proj += tl.sum(c * c, axis=1).to(tl.float64)
                 g = _gmm_mode_gain(ones, cm, lam, lam_perp, v, FULL_RANK, False)
                 v_gc += tl.sum(tl.where(mode_ok[None, :], g * c * w, 0.0), axis=1)
                 smask = row_ok[:, None] & mode_ok[None, :]
                 tl.store(c_base + rows64[:, None] * (2 * R) + modes[None, :], c, mask=smask)
                 tl.store(c_base + rows64[:, None] * (2 * R) + R + modes[None, :], w, mask=smask)
-        if not FULL_RANK:
-            quad += tl.maximum(q - proj, 0.0) / v_perp
-            logdet += (D - R) * _log1p(tl.minimum(lam_perp / s2, VAR_MAX))
-        logit = tl.load(lw_ptr + k).to(ACC) - 0.5 * (tl.minimum(quad, QUAD_MAX) + logdet)
+        logit = _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RANK)
         m_run, alpha, shift = _online_update(m_run, logit)
-        p = tl.exp(logit - shift)
+        alpha = alpha.to(ACC)
+        p = tl.exp(logit - shift).to(ACC)
         l_run = l_run * alpha + p
         pb = p * (cm * v_mf + cx * v_xf + v_gc)  # p beta, beta = v.(D_k - F)
         pcx = p * cx
@@ -280,8 +249,9 @@ def _gmm_vjp_partial_kernel(
 # live in registers). Chosen from ptxas register reports for sm_90 so that no precision mode spills (the
 # forward's 64 x 64 training-set tile and 32-mode slices do, with the VJP's second dot product and
 # accumulators); not yet tuned by timing on a GPU.
-_DELTA_VJP_BLOCKS = {(True, True): (64, 32, 16, 8), (True, False): (16, 64, 16, 4),
+_DELTA_VJP_BLOCKS = {(True, True): (32, 32, 16, 8), (True, False): (16, 64, 16, 4),
                      (False, True): (16, 32, 16, 4), (False, False): (16, 32, 16, 4)}
+_DELTA_VJP_EXACT_D_BLOCKS = (16, 32, 16, 4)  # float32 inputs with d <= EXACT_DIM: float64 tiles
 _GMM_VJP_BLOCKS = {(True, True): (32, 16, 8), (True, False): (16, 32, 8),
                    (False, True): (16, 16, 8), (False, False): (16, 16, 8)}
 _GMM_VJP_MAX_BLOCK_R = 16
@@ -299,20 +269,20 @@ def _finish(m, l, acc, v2, s2):
 
 
 def _state_buffers(S, n_acc, B, D, dt, dev):
-    """Zeroed accumulators [S, n_acc B, D] and the row states m, l [S, n_acc B]."""
-    return (torch.zeros((S, n_acc * B, D), dtype=dt, device=dev), torch.empty((S, n_acc * B), dtype=dt, device=dev),
+    """Zeroed accumulators [S, n_acc B, D] and the row states m (float64 logits, as the forward's), l [S, n_acc B]."""
+    return (torch.zeros((S, n_acc * B, D), dtype=dt, device=dev),
+            torch.empty((S, n_acc * B), dtype=torch.float64, device=dev),
             torch.empty((S, n_acc * B), dtype=dt, device=dev))
 
 
 def delta_mixture_vjp(x2: torch.Tensor, points: torch.Tensor, log_weights: torch.Tensor | None,
-                      center: torch.Tensor, sigma: torch.Tensor, frame2: torch.Tensor, v2: torch.Tensor,
+                      sigma: torch.Tensor, frame2: torch.Tensor, v2: torch.Tensor,
                       precision: str = "ieee", splits: int | None = None,
                       blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """J^T v [B, d] (accumulation dtype) of the training-set denoiser at x2 [B, d] over points [N, d] (any
     float storage), about the frame frame2 [B, d] (the forward's denoiser); v2 [B, d]."""
     acc_dt = compute_dtype(x2, points, log_weights)
     x2, points, frame2, v2 = x2.contiguous(), points.contiguous(), frame2.contiguous(), v2.contiguous()
-    center = as_contiguous(center, acc_dt)
     B, D = x2.shape
     N = points.shape[0]
     dev = x2.device
@@ -322,26 +292,14 @@ def delta_mixture_vjp(x2: torch.Tensor, points: torch.Tensor, log_weights: torch
            precision, splits, blocks, dev)
     plan = _PLANS.get(key)
     if plan is None:
-        bb, bn, bd, warps = blocks or _DELTA_VJP_BLOCKS[(acc_dt == torch.float32, B > 16)]
-        row_blocks = cdiv(B, bb)
-        n_chunks = cdiv(N, bn)
-        consts = dict(HAS_LW=log_weights is not None, PRECISION=precision if acc_dt == torch.float32 else "ieee",
-                      ACC=_tl_dtype(acc_dt), BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps)
-        S = splits
-        if S is None:
-            S = split_count(_delta_vjp_partial_kernel, dev, row_blocks, n_chunks, 2 * B * D,
-                            (acc_dt, points.dtype, frame2.dtype, v2.dtype, *consts.items()),
-                            lambda: ((x2, points, lw, center, s2, frame2, v2, x2, s2, s2, B, N, D, bn), consts),
-                            WORKSPACE_ELEMENTS)
-        S = max(1, min(int(S), n_chunks))
-        n_per_split = cdiv(n_chunks, S) * bn
-        S = cdiv(N, n_per_split)
-        plan = _remember(key, ((row_blocks, S), S, n_per_split, consts))
+        plan = _remember(key, delta_plan(_delta_vjp_partial_kernel, (_DELTA_VJP_BLOCKS, _DELTA_VJP_EXACT_D_BLOCKS),
+                                         x2, points, log_weights is not None, acc_dt, precision, splits, blocks, 2,
+                                         lambda bn: (x2, points, lw, s2, frame2, v2, x2, s2.double(), s2, B, N, D, bn)))
     grid, S, n_per_split, consts = plan
     acc, m, l = _state_buffers(S, 2, B, D, acc_dt, dev)
     if B > 0:
         with device_guard(x2):
-            _delta_vjp_partial_kernel[grid](x2, points, lw, center, s2, frame2, v2, acc, m, l, B, N, D, n_per_split,
+            _delta_vjp_partial_kernel[grid](x2, points, lw, s2, frame2, v2, acc, m, l, B, N, D, n_per_split,
                                             **consts)
     return _finish(m, l, acc, v2, s2)
 
@@ -351,18 +309,14 @@ def gmm_vjp(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, ba
             frame2: torch.Tensor, v2: torch.Tensor, precision: str = "ieee", splits: int | None = None,
             blocks: tuple[int, int, int] | None = None, max_block_r: int = _GMM_VJP_MAX_BLOCK_R) -> torch.Tensor:
     """J^T v [B, d] (accumulation dtype) of the GMM denoiser at x2 [B, d] about the frame frame2 [B, d]."""
-    acc_dt = compute_dtype(x2, means, bases, eigvals, lam_perp, log_weights)
-    x2, means, frame2, v2 = x2.contiguous(), means.contiguous(), frame2.contiguous(), v2.contiguous()
+    acc_dt, x2, means, s2, bases_c, eig_c, lp_c, lw_c = gmm_operands(x2, log_weights, means, bases, eigvals, lam_perp,
+                                                                     sigma)
+    frame2, v2 = frame2.contiguous(), v2.contiguous()
     B, D = x2.shape
     K = means.shape[0]
     R = 0 if bases is None else bases.shape[2]
-    s2 = clamped_sigma_sq(sigma, B, acc_dt)
     dev = x2.device
     has_bases = R > 0
-    bases_c = bases.contiguous() if has_bases else means
-    eig_c = as_contiguous(eigvals, acc_dt) if has_bases else s2
-    lp_c = as_contiguous(lam_perp, acc_dt) if lam_perp is not None else s2
-    lw_c = as_contiguous(log_weights, acc_dt)
     key = ("gmm_vjp", B, K, D, R, acc_dt, x2.dtype, means.dtype, bases_c.dtype, frame2.dtype, v2.dtype,
            lam_perp is not None, precision, splits, blocks, max_block_r, dev)
     plan = _PLANS.get(key)
@@ -377,7 +331,7 @@ def gmm_vjp(x2: torch.Tensor, log_weights: torch.Tensor, means: torch.Tensor, ba
         if S is None:
             S = split_count(_gmm_vjp_partial_kernel, dev, row_blocks, K, 3 * B * D,
                             (acc_dt, means.dtype, bases_c.dtype, frame2.dtype, v2.dtype, *consts.items()),
-                            lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, s2, frame2, v2, x2, s2, s2, x2,
+                            lambda: ((x2, means, bases_c, eig_c, lp_c, lw_c, s2, frame2, v2, x2, s2.double(), s2, x2,
                                       B, K, D, R, 16), consts),
                             WORKSPACE_ELEMENTS)
         k_per_split = cdiv(K, max(1, min(int(S), K)))
@@ -396,21 +350,21 @@ def aot_cases(full: bool = False):
     """Launch configurations for gsa_kernels.triton_aot. full=False: both kernels in both accumulators (float32
     with half points, low-rank GMM with lam_perp, full-rank GMM); full=True: every tile-table entry, float32 in
     every precision mode, with the GMM variants that use the most registers."""
-    def delta(dt, pts, prec, big):
-        bb, bn, bd, warps = _DELTA_VJP_BLOCKS[(dt == "fp32", big)]
-        ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "ctr_ptr", "s2_ptr", "f_ptr", "v_ptr", "acc_ptr",
-                                      "max_ptr", "sum_ptr")}
-        return _delta_vjp_partial_kernel, {"pts_ptr": "*" + pts, **ptrs,
+    def delta(dt, pts, prec, big, exact_d=False):
+        bb, bn, bd, warps = _DELTA_VJP_EXACT_D_BLOCKS if exact_d else _DELTA_VJP_BLOCKS[(dt == "fp32", big)]
+        ptrs = {n: "*" + dt for n in ("x_ptr", "lw_ptr", "s2_ptr", "f_ptr", "v_ptr", "acc_ptr", "sum_ptr")}
+        return _delta_vjp_partial_kernel, {"pts_ptr": "*" + pts, **ptrs, "max_ptr": "*fp64",
                                            **dict.fromkeys(("B", "N", "D", "n_per_split"), "i32"),
                                            "HAS_LW": True, "PRECISION": prec,
                                            "ACC": tl.float32 if dt == "fp32" else tl.float64,
+                                           "LOGIT": tl.float32 if dt == "fp32" and not exact_d else tl.float64,
                                            "BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_D": bd, "num_warps": warps}
 
     def gmm(dt, prec, big, full_rank):
         bb, bd, warps = _GMM_VJP_BLOCKS[(dt == "fp32", big)]
         names = ("x_ptr", "means_ptr", "bases_ptr", "eig_ptr", "lp_ptr", "lw_ptr", "s2_ptr", "f_ptr", "v_ptr",
-                 "acc_ptr", "max_ptr", "sum_ptr", "c_ptr")
-        return _gmm_vjp_partial_kernel, {**{n: "*" + dt for n in names},
+                 "acc_ptr", "sum_ptr", "c_ptr")
+        return _gmm_vjp_partial_kernel, {**{n: "*" + dt for n in names}, "max_ptr": "*fp64",
                                          **dict.fromkeys(("B", "K", "D", "R", "k_per_split"), "i32"),
                                          "HAS_BASES": True, "HAS_LP": not full_rank, "FULL_RANK": full_rank,
                                          "PRECISION": prec, "ACC": tl.float32 if dt == "fp32" else tl.float64,
@@ -421,17 +375,13 @@ def aot_cases(full: bool = False):
         yield delta("fp32", "fp32", "ieee", True)
         yield delta("fp32", "bf16", "tf32x3", False)
         yield delta("fp64", "fp64", "ieee", True)
+        yield delta("fp32", "fp32", "ieee", True, exact_d=True)
         yield gmm("fp32", "tf32x3", True, False)
         yield gmm("fp32", "ieee", False, True)
         yield gmm("fp64", "ieee", True, False)
         return
-    for is_f32, big in _DELTA_VJP_BLOCKS:
-        if is_f32:
-            for prec in AOT_PRECISIONS:
-                for pts in ("fp32", "bf16"):
-                    yield delta("fp32", pts, prec, big)
-        else:
-            yield delta("fp64", "fp64", "ieee", big)
+    for variant in aot_delta_variants(_DELTA_VJP_BLOCKS):
+        yield delta(*variant)
     for is_f32, big in _GMM_VJP_BLOCKS:
         for prec in AOT_PRECISIONS if is_f32 else ("ieee",):
             for full_rank in (False, True):

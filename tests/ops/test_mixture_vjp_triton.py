@@ -20,6 +20,9 @@ SMALL_DELTA = (16, 16, 16, 4)
 SMALL_GMM = (16, 16, 4)
 # float32 J^T v against float64 (relative 2-norm): measured at most 3e-6 (delta components, sigma 0.002).
 F32_VJP_TOL = 1e-5
+# Far queries (||x|| ~ 1e4 against points 1e-6 apart): the float64 references themselves keep only ~1e-5 of the
+# logits there; measured float32 errors TBD.
+FAR_VJP_TOL = 1e-4
 
 
 def V():
@@ -61,13 +64,13 @@ def spread_points(sigma, n=40, d=20, seed=0, offset=10.0):
     return (offset + 0.7 * sigma * torch.randn(n, d, generator=gen(seed), dtype=torch.float64)).float().double()
 
 
-def _delta_vjp(x, pts, lw, sigma, v, dtype, splits=2, frame=None):
+def _delta_vjp(x, pts, lw, sigma, v, dtype, splits=2, frame=None, blocks=SMALL_DELTA):
     s = _sigma_rows(sigma, x.shape[0])
     if frame is None:
         frame = R.delta_mixture_denoise(x, pts, lw, s)
     cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
-    return V().delta_mixture_vjp(cast(x), cast(pts), cast(lw), pts.mean(0), s, cast(frame), cast(v),
-                                 splits=splits, blocks=SMALL_DELTA)
+    return V().delta_mixture_vjp(cast(x), cast(pts), cast(lw), s, cast(frame), cast(v),
+                                 splits=splits, blocks=blocks)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, F32_VJP_TOL)])
@@ -126,7 +129,7 @@ def test_delta_vjp_half_points(dtype):
     x = queries(pts.double(), 5, 0.1)
     v = torch.randn(5, 20, generator=gen(6), dtype=torch.float64)
     frame = R.delta_mixture_denoise(x, pts.double(), None, 0.1)
-    got = V().delta_mixture_vjp(x.float(), pts, None, pts.double().mean(0), _sigma_rows(0.1, 5), frame.float(),
+    got = V().delta_mixture_vjp(x.float(), pts, None, _sigma_rows(0.1, 5), frame.float(),
                                 v.float(), splits=2, blocks=SMALL_DELTA)
     want = reference_vjp(lambda t: R.delta_mixture_denoise(t, pts.double(), None, 0.1), x, v)
     assert got.dtype == torch.float32 and rel_err(got, want) < F32_VJP_TOL
@@ -172,6 +175,102 @@ def test_gmm_vjp_shared_posterior():
     assert rel_err(_gmm_vjp(x, params, 0.05, v, torch.float32), want) < F32_VJP_TOL
 
 
+# ---------------------------------------------------------------------------------------------
+# The hard cases of float32 accuracy by construction (docs/math.md section 3.2): the VJP's posterior weights
+# must have the forward's accuracy, or J^T v (a posterior covariance) is wrong wherever the forward's
+# weights would be.
+def pivot_delta_vjp(x, pts, sigma, v):
+    """(J^T v, w) of the training-set denoiser in float64 without any expansion: each row's logits are taken
+    relative to its nearest point x_j, l_i - l_j = (x_i - x_j).(2 x - x_i - x_j) / (2 sigma^2), from exact
+    differences, and J^T v = sum_i w_i (v.(x_i - D)) (x_i - D) / sigma^2 with x_i - D formed about x_j. (The
+    plain float64 reference loses eps ||x||^2 / sigma^2 per logit, ~1e-5 for the far queries below.)"""
+    s2 = _sigma_rows(sigma, x.shape[0])[:, None] ** 2
+    near = torch.cdist(x, pts).argmin(1)
+    rel = pts[None] - pts[near][:, None]                                    # x_i - x_j  [B, N, d]
+    w = torch.softmax((rel * ((x[:, None] - pts[None]) + (x - pts[near])[:, None])).sum(-1) / (2 * s2), 1)
+    dev = rel - torch.einsum("bn,bnd->bd", w, rel)[:, None]                 # x_i - D
+    return torch.einsum("bn,bnd->bd", w * torch.einsum("bd,bnd->bn", v, dev), dev) / s2, w
+
+
+def _peaked_but_spread(w):
+    """Each row's posterior is dominated by one point (uniform weights fail), yet some row's J^T v is not
+    negligible (a J of zero fails)."""
+    top = w.max(1).values
+    assert top.min() > 0.5 and top.min() < 1 - 1e-3, top
+
+
+def test_pivot_reference_matches_autograd():
+    pts = spread_points(0.3)
+    x = queries(pts, 5, 0.3)
+    v = torch.randn(5, 20, generator=gen(30), dtype=torch.float64)
+    want = reference_vjp(lambda t: R.delta_mixture_denoise(t, pts, None, 0.3), x, v)
+    assert rel_err(pivot_delta_vjp(x, pts, 0.3, v)[0], want) < 1e-12
+
+
+def test_delta_vjp_far_query_with_tight_components():
+    """Points 1e-6 randn (N = 7, d = 64), queries 1e4 randn, sigma = 0.1: float32 logits that carry ||x||^2
+    make the posterior uniform; the forward's construction keeps it."""
+    g = gen(20)
+    pts = (1e-6 * torch.randn(7, 64, generator=g, dtype=torch.float64)).float().double()
+    x = (1e4 * torch.randn(3, 64, generator=g, dtype=torch.float64)).float().double()
+    v = torch.randn(3, 64, generator=g, dtype=torch.float64)
+    want, w = pivot_delta_vjp(x, pts, 0.1, v)
+    _peaked_but_spread(w)
+    frame = w @ pts
+    err = _checked_err(_delta_vjp(x, pts, None, 0.1, v, torch.float32, frame=frame), want, torch.float32,
+                       FAR_VJP_TOL, 0.1)
+    print(f"delta VJP far query: rel err {err:.3g}")
+
+
+def test_gmm_vjp_far_query_with_tight_components():
+    """r = 0 GMM with delta components (no lam_perp), means 1e-4 randn (K = 5, d = 32), queries 300 randn, sigma
+    = 0.1: ||x - mu_k||^2 must be exact, not only its differences. (With a lam_perp the term a v of J^T v
+    dominates and hides the weights.)"""
+    g = gen(21)
+    means = (1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)).float().double()
+    x = (300 * torch.randn(4, 32, generator=g, dtype=torch.float64)).float().double()
+    v = torch.randn(4, 32, generator=g, dtype=torch.float64)
+    params = (torch.zeros(5, dtype=torch.float64), means, None, None, None)
+    w, _ = R.gmm_posterior(x, *params, 0.1)
+    _peaked_but_spread(w)
+    want = reference_gmm_vjp(params, x, 0.1, v)
+    err = _checked_err(_gmm_vjp(x, params, 0.1, v, torch.float32), want, torch.float32, FAR_VJP_TOL, 0.1)
+    print(f"GMM VJP far query: rel err {err:.3g}")
+
+
+def test_delta_vjp_clusters_far_from_the_mean():
+    """Two clusters 350 from the mean of all points (d = 32, +-62 per coordinate), stored cluster by cluster,
+    points 0.7 sigma apart within a cluster, sigma 0.002 .. 80: GEMM operands centred on the mean of all points
+    lose eps 350^2 / sigma^2 per logit; the chunk frames keep J^T v within the float32 tolerance."""
+    worst = 0.0
+    for i, sigma in enumerate(SIGMAS):
+        g = gen(40 + i)
+        signs = torch.cat([torch.ones(32), -torch.ones(32)]).double()[:, None]
+        pts = (62.0 * signs + 0.7 * sigma * torch.randn(64, 32, generator=g, dtype=torch.float64)).float().double()
+        x = queries(pts, 5, sigma, seed=i)
+        v = torch.randn(5, 32, generator=g, dtype=torch.float64)
+        want, _ = pivot_delta_vjp(x, pts, sigma, v)
+        worst = max(worst, _checked_err(_delta_vjp(x, pts, None, sigma, v, torch.float32), want, torch.float32,
+                                        F32_VJP_TOL, sigma))
+    print(f"delta VJP clusters far from the mean: worst rel err {worst:.3g}")
+
+
+def test_delta_vjp_one_dimensional_at_small_sigma():
+    """d = 1, N = 1000 points in random order (chunk frames near the mean of all points), sigma 0.002 and
+    0.001: float32 cross terms lose eps ||x - ctr|| ||x_i - ctr|| / sigma^2 (~1e-2 per logit); d <= 16 takes
+    them, and the chunk's sums about F, in float64."""
+    g = gen(23)
+    pts = torch.randn(1000, 1, generator=g, dtype=torch.float64).float().double()
+    for sigma in (0.002, 1e-3):
+        x = (pts[torch.randint(0, 1000, (16,), generator=g)]
+             + sigma * torch.randn(16, 1, generator=g, dtype=torch.float64)).float().double()
+        v = torch.randn(16, 1, generator=g, dtype=torch.float64)
+        want, _ = pivot_delta_vjp(x, pts, sigma, v)
+        err = _checked_err(_delta_vjp(x, pts, None, sigma, v, torch.float32, blocks=(16, 64, 16, 4)), want,
+                           torch.float32, F32_VJP_TOL, sigma)
+        print(f"delta VJP d = 1, sigma {sigma}: rel err {err:.3g}")
+
+
 def test_outputs_are_written_everywhere(poison_empty):
     """With new memory filled with NaN, every output element is written (B = 17: a second, ragged row tile)."""
     pts = spread_points(0.3)
@@ -206,7 +305,7 @@ def test_workspace_is_flat_in_the_number_of_points():
         pts = spread_points(0.5, n=n)
         x = queries(pts, 5, 0.5)
         v = torch.randn(5, 20, generator=gen(11), dtype=torch.float64)
-        args = [t.float() for t in (x, pts)] + [pts.mean(0), _sigma_rows(0.5, 5)]
+        args = [t.float() for t in (x, pts)] + [_sigma_rows(0.5, 5)]
         args += [t.float() for t in (R.delta_mixture_denoise(x, pts, None, 0.5), v)]
         args.insert(2, None)
         with _CountAllocations() as count:
