@@ -207,6 +207,10 @@ struct Partial {
   Tensor step_buf, step_u_buf;             // [blocks B, d]
   std::vector<T> ck, ckd_t, t;             // c_k [d], c_k - ctr [d], U_i^T M_i [C r]
   std::vector<double> ckd, mnorm;          // c_k - ctr [d], ||M_i||^2 [C]
+  double m_max = 0;                        // max_i ||M_i|| of the chunk
+  Tensor chunk_means;                      // the chunk's rows (contiguous) at element offset chunk_off
+  int64_t chunk_off = 0;
+  std::vector<double> xk_row;              // float64 x - c_k of one row [d] (exact cross terms)
   std::vector<double> local;               // [B C]: cross terms, then the logits, then the weights p
   std::vector<double> xk_d, m_d;           // float64 x - c_k, M (d <= kDirectDim)
   std::vector<double> dlt, vck;            // ||x - c_k||^2 - rho [B]; v.(c_k - F) [B]
@@ -225,6 +229,8 @@ void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t k
   const bool direct = d <= kDirectDim;
   T* M = st.m_buf.template mutable_data_ptr<T>();
   const auto [means_c, m_off] = contiguous_rows(in.means, k0, kc);
+  st.chunk_means = means_c;
+  st.chunk_off = m_off;
   visit_float(means_c, [&](const auto* pm) {
     std::fill(st.ckd.begin(), st.ckd.end(), 0.0);
     for (int64_t i = 0; i < kc; ++i) {
@@ -248,6 +254,7 @@ void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t k
       st.mnorm[i] = direct ? nrm : static_cast<double>(dot(M + i * d, M + i * d, d));
     }
   });
+  st.m_max = std::sqrt(*std::max_element(st.mnorm.begin(), st.mnorm.begin() + kc));
   double ck_sq = 0;
   for (int64_t j = 0; j < d; ++j) ck_sq += st.ckd[j] * st.ckd[j];
   T* xk = st.xk_buf.template mutable_data_ptr<T>();
@@ -362,6 +369,50 @@ double component_logit(const MixtureData<T>& in, int64_t comp, double s2, double
   return logit;
 }
 
+// Float32 cross terms ||M_i||^2 - 2 (x - c_k).M_i carry a rounding of about eps ||x - c_k|| ||M_i|| (a
+// GEMM), i.e. eps ||x - c_k|| max_i ||M_i|| / sigma^2 in the logits of the chunk. Chunks whose points
+// spread far (relative to sigma) around a frame far from the query keep that error in their relative
+// logits; where it exceeds kCrossTol and the chunk holds a share of the posterior above e^-kNegligible,
+// the row's cross terms are recomputed in float64 from the exact differences (O(C d) for that row and
+// chunk). Coherent chunks (points ordered so that a chunk is a neighbourhood) almost never need it.
+constexpr double kCrossTol = 1e-6;     // logit error allowed in a chunk that carries weight
+constexpr double kNegligible = 30.0;   // a chunk whose best logit is this far below the max carries no weight
+constexpr double kGemmRounding = 4.0;  // the float32 GEMM's rounding in units of eps ||a|| ||b||
+
+template <class T>
+bool cross_needs_exact(const MixtureData<T>& in, const Partial<T>& st, int64_t b, double row_max) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (in.a->dim <= kDirectDim || !(row_max > st.run_max[b] - kNegligible)) return false;
+    const double xk_norm = std::sqrt(std::max(in.rho[b] + st.dlt[b], 0.0));  // ||x - c_k||
+    const double s2 = std::clamp<double>(in.s2[b], kVarLo, kVarHi);
+    const double err = kGemmRounding * std::numeric_limits<float>::epsilon() * xk_norm * st.m_max / s2;
+    return err > kCrossTol;
+  }
+}
+
+// st.local[b C + i] = ||M_i||^2 - 2 (x_b - c_k).M_i in float64 over the exact differences (x, mu_i and
+// c_k are T numbers, so x - c_k and mu_i - c_k are exact in float64).
+template <class T>
+void exact_cross_terms(const MixtureData<T>& in, Partial<T>& st, int64_t b, int64_t kc) {
+  const int64_t d = in.a->dim;
+  const T* xb = in.xt.template const_data_ptr<T>() + b * d;
+  for (int64_t j = 0; j < d; ++j) st.xk_row[j] = static_cast<double>(xb[j]) - static_cast<double>(st.ck[j]);
+  visit_float(st.chunk_means, [&](const auto* pm) {
+    for (int64_t i = 0; i < kc; ++i) {
+      const auto* m_i = pm + st.chunk_off + i * d;
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) {
+        const double m = static_cast<double>(static_cast<T>(m_i[j])) - static_cast<double>(st.ck[j]);
+        s += m * (m - 2 * st.xk_row[j]);
+      }
+      st.local[b * kc + i] = s;
+    }
+  });
+}
+
 // float64 logits of the chunk (component_logit) and the online log-sum-exp step: p = exp(logit - running
 // max) in T, alpha the rescale; run_arg follows the component of the running max.
 template <class T>
@@ -386,8 +437,23 @@ void chunk_weights(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t
         row_max = logit;
         row_arg = k0 + i;
       }
-      if (in.logits) in.logits[b * a.n_comp + k0 + i] = logit;
     }
+    if (cross_needs_exact(in, st, b, row_max)) {
+      // The chunk weighs in and its GEMM rounding would move the relative logits by more than
+      // kCrossTol: the cross terms again in float64 on the exact differences (docs/math.md section 3.2).
+      exact_cross_terms(in, st, b, kc);
+      row_max = -std::numeric_limits<double>::infinity();
+      for (int64_t i = 0; i < kc; ++i) {
+        const double logit = component_logit(in, k0 + i, in.s2[b], row_q + st.local[b * kc + i], q_lo,
+                                             xw_row + kc + i * r);
+        st.local[b * kc + i] = logit;
+        if (logit > row_max) {
+          row_max = logit;
+          row_arg = k0 + i;
+        }
+      }
+    }
+    if (in.logits) std::copy_n(st.local.data() + b * kc, kc, in.logits + b * a.n_comp + k0);
     // Online log-sum-exp (an all -inf state stays NaN-free: shift 0, alpha = p = 0).
     const double m_new = std::max(st.run_max[b], row_max);
     const double shift = m_new == -std::numeric_limits<double>::infinity() ? 0.0 : m_new;
@@ -665,6 +731,7 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
     }
     st.dlt.resize(B);
     st.vck.resize(B);
+    st.xk_row.resize(d);
     st.alpha.resize(B);
     st.chunk_x.resize(nb * B);
     st.chunk_c.resize(nb * B);
