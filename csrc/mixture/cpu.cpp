@@ -375,7 +375,7 @@ double component_logit(const MixtureData<T>& in, int64_t comp, double s2, double
 // logits; where it exceeds kCrossTol and the chunk holds a share of the posterior above e^-kNegligible,
 // the row's cross terms are recomputed in float64 from the exact differences (O(C d) for that row and
 // chunk). Coherent chunks (points ordered so that a chunk is a neighbourhood) almost never need it.
-constexpr double kCrossTol = 1e-6;     // logit error allowed in a chunk that carries weight
+constexpr double kCrossTol = 1e-4;     // estimated logit error allowed in a chunk that carries weight
 constexpr double kNegligible = 30.0;   // a chunk whose best logit is this far below the max carries no weight
 constexpr double kGemmRounding = 4.0;  // the float32 GEMM's rounding in units of eps ||a|| ||b||
 
