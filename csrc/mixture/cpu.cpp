@@ -370,45 +370,87 @@ double component_logit(const MixtureData<T>& in, int64_t comp, double s2, double
 }
 
 // Float32 cross terms ||M_i||^2 - 2 (x - c_k).M_i carry a rounding of about eps ||x - c_k|| ||M_i|| (a
-// GEMM), i.e. eps ||x - c_k|| max_i ||M_i|| / sigma^2 in the logits of the chunk. Chunks whose points
-// spread far (relative to sigma) around a frame far from the query keep that error in their relative
-// logits; where it exceeds kCrossTol and the chunk holds a share of the posterior above e^-kNegligible,
-// the row's cross terms are recomputed in float64 from the exact differences (O(C d) for that row and
-// chunk). Coherent chunks (points ordered so that a chunk is a neighbourhood) almost never need it.
-constexpr double kCrossTol = 1e-4;     // estimated logit error allowed in a chunk that carries weight
-constexpr double kNegligible = 30.0;   // a chunk whose best logit is this far below the max carries no weight
+// GEMM), i.e. up to err = eps ||x - c_k|| max_i ||M_i|| / sigma^2 in the logits of the chunk: large where
+// a chunk's points spread far (relative to sigma) around a frame far from the query. Only the components
+// within kNegligible of the row's best logit carry weight, and independent rounding errors average out
+// over the n_eff components that share it; where the chunk's share of the posterior times err / sqrt(n_eff)
+// exceeds kCrossTol, the logits of those components (usually a handful) are recomputed from float64 cross
+// terms over the exact differences.
+constexpr double kCrossTol = 1e-4;     // estimated rounding of the weighted mean of a chunk's relative logits
+constexpr double kNegligible = 30.0;   // a component this far below the best logit carries no weight
 constexpr double kGemmRounding = 4.0;  // the float32 GEMM's rounding in units of eps ||a|| ||b||
 
+// The estimated rounding err of row b's cross terms in the chunk's logits (0 where they are float64).
 template <class T>
-bool cross_needs_exact(const MixtureData<T>& in, const Partial<T>& st, int64_t b, double row_max) {
+double cross_rounding(const MixtureData<T>& in, const Partial<T>& st, int64_t b) {
   if constexpr (!std::is_same_v<T, float>) {
-    return false;
+    return 0.0;
   } else {
-    if (in.a->dim <= kDirectDim || !(row_max > st.run_max[b] - kNegligible)) return false;
+    if (in.a->dim <= kDirectDim) return 0.0;
     const double xk_norm = std::sqrt(std::max(in.rho[b] + st.dlt[b], 0.0));  // ||x - c_k||
     const double s2 = std::clamp<double>(in.s2[b], kVarLo, kVarHi);
-    const double err = kGemmRounding * std::numeric_limits<float>::epsilon() * xk_norm * st.m_max / s2;
-    return err > kCrossTol;
+    return kGemmRounding * std::numeric_limits<float>::epsilon() * xk_norm * st.m_max / s2;
   }
 }
 
-// st.local[b C + i] = ||M_i||^2 - 2 (x_b - c_k).M_i in float64 over the exact differences (x, mu_i and
-// c_k are T numbers, so x - c_k and mu_i - c_k are exact in float64).
+// ||m - c||^2 - 2 (m - c).xc in float64 for a point m and frame c in T (m - c is exact in float64); kLanes
+// independent partial sums keep the additions off one dependency chain and let them vectorize.
+template <class S, class T>
+double exact_cross_term(const S* m, const T* c, const double* xc, int64_t d) {
+  constexpr int64_t kLanes = 8;
+  double part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) {
+      const double mc = static_cast<double>(static_cast<T>(m[j + u])) - static_cast<double>(c[j + u]);
+      part[u] += mc * (mc - 2 * xc[j + u]);
+    }
+  }
+  for (; j < d; ++j) {
+    const double mc = static_cast<double>(static_cast<T>(m[j])) - static_cast<double>(c[j]);
+    part[0] += mc * (mc - 2 * xc[j]);
+  }
+  double sum = 0;
+  for (const double v : part) sum += v;
+  return sum;
+}
+
+// Row b's logits in st.local that can carry weight, recomputed where their float32 rounding could reach
+// the output (docs/math.md section 3.2): ||M_i||^2 - 2 (x_b - c_k).M_i in float64 over the exact
+// differences (x, mu_i and c_k are T numbers, so x - c_k and mu_i - c_k are exact in float64). row_max /
+// row_arg follow.
 template <class T>
-void exact_cross_terms(const MixtureData<T>& in, Partial<T>& st, int64_t b, int64_t kc) {
-  const int64_t d = in.a->dim;
+void refine_logits(const MixtureData<T>& in, Partial<T>& st, int64_t b, int64_t k0, int64_t kc, double row_q,
+                   double q_lo, const T* xw_row, double& row_max, int64_t& row_arg) {
+  const double err = cross_rounding(in, st, b);
+  if (!(err > kCrossTol) || !(row_max > st.run_max[b] - kNegligible)) return;
+  double* logit = st.local.data() + b * kc;
+  const double floor = std::max(row_max, st.run_max[b]) - kNegligible - 2 * err;  // true logits within err
+  double p_sum = 0, p_sq = 0;
+  for (int64_t i = 0; i < kc; ++i) {
+    if (logit[i] < floor) continue;
+    const double p = std::exp(logit[i] - row_max);
+    p_sum += p;
+    p_sq += p * p;
+  }
+  // The chunk's share of the posterior so far bounds its final share (the total only grows).
+  const double m_new = std::max(row_max, st.run_max[b]);
+  const double chunk_w = p_sum * std::exp(row_max - m_new);
+  const double share = chunk_w / (chunk_w + st.run_sum[b] * std::exp(st.run_max[b] - m_new));
+  if (share * err * std::sqrt(p_sq) / p_sum <= kCrossTol) return;  // share err / sqrt(n_eff)
+  const int64_t d = in.a->dim, r = in.a->rank;
   const T* xb = in.xt.template const_data_ptr<T>() + b * d;
   for (int64_t j = 0; j < d; ++j) st.xk_row[j] = static_cast<double>(xb[j]) - static_cast<double>(st.ck[j]);
+  row_max = -std::numeric_limits<double>::infinity();
   visit_float(st.chunk_means, [&](const auto* pm) {
     for (int64_t i = 0; i < kc; ++i) {
-      const auto* m_i = pm + st.chunk_off + i * d;
-      double s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < d; ++j) {
-        const double m = static_cast<double>(static_cast<T>(m_i[j])) - static_cast<double>(st.ck[j]);
-        s += m * (m - 2 * st.xk_row[j]);
+      if (logit[i] < floor) continue;
+      const double cross = exact_cross_term(pm + st.chunk_off + i * d, st.ck.data(), st.xk_row.data(), d);
+      logit[i] = component_logit(in, k0 + i, in.s2[b], row_q + cross, q_lo, xw_row + kc + i * r);
+      if (logit[i] > row_max) {
+        row_max = logit[i];
+        row_arg = k0 + i;
       }
-      st.local[b * kc + i] = s;
     }
   });
 }
@@ -438,21 +480,7 @@ void chunk_weights(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t
         row_arg = k0 + i;
       }
     }
-    if (cross_needs_exact(in, st, b, row_max)) {
-      // The chunk weighs in and its GEMM rounding would move the relative logits by more than
-      // kCrossTol: the cross terms again in float64 on the exact differences (docs/math.md section 3.2).
-      exact_cross_terms(in, st, b, kc);
-      row_max = -std::numeric_limits<double>::infinity();
-      for (int64_t i = 0; i < kc; ++i) {
-        const double logit = component_logit(in, k0 + i, in.s2[b], row_q + st.local[b * kc + i], q_lo,
-                                             xw_row + kc + i * r);
-        st.local[b * kc + i] = logit;
-        if (logit > row_max) {
-          row_max = logit;
-          row_arg = k0 + i;
-        }
-      }
-    }
+    refine_logits(in, st, b, k0, kc, row_q, q_lo, xw_row, row_max, row_arg);
     if (in.logits) std::copy_n(st.local.data() + b * kc, kc, in.logits + b * a.n_comp + k0);
     // Online log-sum-exp (an all -inf state stays NaN-free: shift 0, alpha = p = 0).
     const double m_new = std::max(st.run_max[b], row_max);
