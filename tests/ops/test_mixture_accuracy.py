@@ -117,9 +117,9 @@ def near_duplicate_clusters(n, d, k, seed):
 
 def test_clusters_far_from_the_mean_of_all_points():
     """Training set of near-duplicate clusters in d = 256, four draws, sigma from 0.002 to 80: the float32
-    denoiser within 1e-5 of float64 relative to the points' spread (chunk frames alone left ~3e-5 around
+    denoiser within 1e-5 of float64 relative to the points' spread (chunk frames alone left 1-2e-5 around
     sigma = 0.01, where a chunk's GEMM rounding eps ||x - c_k|| ||mu_i - c_k|| / sigma^2 reaches the
-    relative logits; the cross terms of such a chunk are recomputed exactly)."""
+    relative logits; the logits that carry weight in such a chunk are recomputed exactly)."""
     for seed in range(4):
         g, pts = near_duplicate_clusters(2000, 256, 8, 40 + seed)
         spread = float((pts - pts.mean(0)).pow(2).sum(1).mean().sqrt())
