@@ -145,13 +145,19 @@ def reset_peak():
 """
 
 
+def peak_rss_env(threads: int) -> dict[str, str]:
+    """Environment of a peak-RSS measurement process: the fixed mmap threshold (otherwise glibc raises it
+    after the first large free and keeps freed buffers in its heap, 1.5-3.5 MiB more or less from run to run
+    depending on unrelated small allocations) and `threads` OpenMP threads."""
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+
+
 def run_peak_rss_script(body: str, timeout: int = 120) -> list[int]:
     """Run the script `body` (after a preamble defining kib(field) and reset_peak()) in a new process and
     return the integers it prints last, e.g. peak KiB above a baseline for each size it tried."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs /proc/self/clear_refs to reset the peak RSS")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
     res = subprocess.run([sys.executable, "-c", _PEAK_RSS_PREAMBLE + textwrap.dedent(body)], capture_output=True,
-                         text=True, timeout=timeout, env=env)
+                         text=True, timeout=timeout, env=peak_rss_env(threads=2))
     assert res.returncode == 0, res.stderr
     return [int(v) for v in res.stdout.strip().splitlines()[-1].split()]

@@ -207,6 +207,10 @@ struct Partial {
   Tensor step_buf, step_u_buf;             // [blocks B, d]
   std::vector<T> ck, ckd_t, t;             // c_k [d], c_k - ctr [d], U_i^T M_i [C r]
   std::vector<double> ckd, mnorm;          // c_k - ctr [d], ||M_i||^2 [C]
+  double m_max = 0;                        // max_i ||M_i|| of the chunk
+  Tensor chunk_means;                      // the chunk's rows (contiguous) at element offset chunk_off
+  int64_t chunk_off = 0;
+  std::vector<double> xk_row;              // float64 x - c_k of one row [d] (exact cross terms)
   std::vector<double> local;               // [B C]: cross terms, then the logits, then the weights p
   std::vector<double> xk_d, m_d;           // float64 x - c_k, M (d <= kDirectDim)
   std::vector<double> dlt, vck;            // ||x - c_k||^2 - rho [B]; v.(c_k - F) [B]
@@ -225,6 +229,8 @@ void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t k
   const bool direct = d <= kDirectDim;
   T* M = st.m_buf.template mutable_data_ptr<T>();
   const auto [means_c, m_off] = contiguous_rows(in.means, k0, kc);
+  st.chunk_means = means_c;
+  st.chunk_off = m_off;
   visit_float(means_c, [&](const auto* pm) {
     std::fill(st.ckd.begin(), st.ckd.end(), 0.0);
     for (int64_t i = 0; i < kc; ++i) {
@@ -248,6 +254,7 @@ void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t k
       st.mnorm[i] = direct ? nrm : static_cast<double>(dot(M + i * d, M + i * d, d));
     }
   });
+  st.m_max = std::sqrt(*std::max_element(st.mnorm.begin(), st.mnorm.begin() + kc));
   double ck_sq = 0;
   for (int64_t j = 0; j < d; ++j) ck_sq += st.ckd[j] * st.ckd[j];
   T* xk = st.xk_buf.template mutable_data_ptr<T>();
@@ -362,6 +369,92 @@ double component_logit(const MixtureData<T>& in, int64_t comp, double s2, double
   return logit;
 }
 
+// Float32 cross terms ||M_i||^2 - 2 (x - c_k).M_i carry a rounding of about eps ||x - c_k|| ||M_i|| (a
+// GEMM), i.e. up to err = eps ||x - c_k|| max_i ||M_i|| / sigma^2 in the logits of the chunk: large where
+// a chunk's points spread far (relative to sigma) around a frame far from the query. Only the components
+// within kNegligible of the row's best logit carry weight, and independent rounding errors average out
+// over the n_eff components that share it; where the chunk's share of the posterior times err / sqrt(n_eff)
+// exceeds kCrossTol, the logits of those components (usually a handful) are recomputed from float64 cross
+// terms over the exact differences.
+constexpr double kCrossTol = 1e-4;     // estimated rounding of the weighted mean of a chunk's relative logits
+constexpr double kNegligible = 30.0;   // a component this far below the best logit carries no weight
+constexpr double kGemmRounding = 4.0;  // the float32 GEMM's rounding in units of eps ||a|| ||b||
+
+// The estimated rounding err of row b's cross terms in the chunk's logits (0 where they are float64).
+template <class T>
+double cross_rounding(const MixtureData<T>& in, const Partial<T>& st, int64_t b) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return 0.0;
+  } else {
+    if (in.a->dim <= kDirectDim) return 0.0;
+    const double xk_norm = std::sqrt(std::max(in.rho[b] + st.dlt[b], 0.0));  // ||x - c_k||
+    const double s2 = std::clamp<double>(in.s2[b], kVarLo, kVarHi);
+    return kGemmRounding * std::numeric_limits<float>::epsilon() * xk_norm * st.m_max / s2;
+  }
+}
+
+// ||m - c||^2 - 2 (m - c).xc in float64 for a point m and frame c in T (m - c is exact in float64); kLanes
+// independent partial sums keep the additions off one dependency chain and let them vectorize.
+template <class S, class T>
+double exact_cross_term(const S* m, const T* c, const double* xc, int64_t d) {
+  constexpr int64_t kLanes = 8;
+  double part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) {
+      const double mc = static_cast<double>(static_cast<T>(m[j + u])) - static_cast<double>(c[j + u]);
+      part[u] += mc * (mc - 2 * xc[j + u]);
+    }
+  }
+  for (; j < d; ++j) {
+    const double mc = static_cast<double>(static_cast<T>(m[j])) - static_cast<double>(c[j]);
+    part[0] += mc * (mc - 2 * xc[j]);
+  }
+  double sum = 0;
+  for (const double v : part) sum += v;
+  return sum;
+}
+
+// Row b's logits in st.local that can carry weight, recomputed where their float32 rounding could reach
+// the output (docs/math.md section 3.2): ||M_i||^2 - 2 (x_b - c_k).M_i in float64 over the exact
+// differences (x, mu_i and c_k are T numbers, so x - c_k and mu_i - c_k are exact in float64). row_max /
+// row_arg follow.
+template <class T>
+void refine_logits(const MixtureData<T>& in, Partial<T>& st, int64_t b, int64_t k0, int64_t kc, double row_q,
+                   double q_lo, const T* xw_row, double& row_max, int64_t& row_arg) {
+  const double err = cross_rounding(in, st, b);
+  if (!(err > kCrossTol) || !(row_max > st.run_max[b] - kNegligible)) return;
+  double* logit = st.local.data() + b * kc;
+  const double floor = std::max(row_max, st.run_max[b]) - kNegligible - 2 * err;  // true logits within err
+  double p_sum = 0, p_sq = 0;
+  for (int64_t i = 0; i < kc; ++i) {
+    if (logit[i] < floor) continue;
+    const double p = std::exp(logit[i] - row_max);
+    p_sum += p;
+    p_sq += p * p;
+  }
+  // The chunk's share of the posterior so far bounds its final share (the total only grows).
+  const double m_new = std::max(row_max, st.run_max[b]);
+  const double chunk_w = p_sum * std::exp(row_max - m_new);
+  const double share = chunk_w / (chunk_w + st.run_sum[b] * std::exp(st.run_max[b] - m_new));
+  if (share * err * std::sqrt(p_sq) / p_sum <= kCrossTol) return;  // share err / sqrt(n_eff)
+  const int64_t d = in.a->dim, r = in.a->rank;
+  const T* xb = in.xt.template const_data_ptr<T>() + b * d;
+  for (int64_t j = 0; j < d; ++j) st.xk_row[j] = static_cast<double>(xb[j]) - static_cast<double>(st.ck[j]);
+  row_max = -std::numeric_limits<double>::infinity();
+  visit_float(st.chunk_means, [&](const auto* pm) {
+    for (int64_t i = 0; i < kc; ++i) {
+      if (logit[i] < floor) continue;
+      const double cross = exact_cross_term(pm + st.chunk_off + i * d, st.ck.data(), st.xk_row.data(), d);
+      logit[i] = component_logit(in, k0 + i, in.s2[b], row_q + cross, q_lo, xw_row + kc + i * r);
+      if (logit[i] > row_max) {
+        row_max = logit[i];
+        row_arg = k0 + i;
+      }
+    }
+  });
+}
+
 // float64 logits of the chunk (component_logit) and the online log-sum-exp step: p = exp(logit - running
 // max) in T, alpha the rescale; run_arg follows the component of the running max.
 template <class T>
@@ -386,8 +479,9 @@ void chunk_weights(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t
         row_max = logit;
         row_arg = k0 + i;
       }
-      if (in.logits) in.logits[b * a.n_comp + k0 + i] = logit;
     }
+    refine_logits(in, st, b, k0, kc, row_q, q_lo, xw_row, row_max, row_arg);
+    if (in.logits) std::copy_n(st.local.data() + b * kc, kc, in.logits + b * a.n_comp + k0);
     // Online log-sum-exp (an all -inf state stays NaN-free: shift 0, alpha = p = 0).
     const double m_new = std::max(st.run_max[b], row_max);
     const double shift = m_new == -std::numeric_limits<double>::infinity() ? 0.0 : m_new;
@@ -665,6 +759,7 @@ Merged<T> stream_chunks(const MixtureData<T>& in, int64_t chunk_size) {
     }
     st.dlt.resize(B);
     st.vck.resize(B);
+    st.xk_row.resize(d);
     st.alpha.resize(B);
     st.chunk_x.resize(nb * B);
     st.chunk_c.resize(nb * B);
