@@ -37,14 +37,17 @@ Two kernels, both "split-K over components + online softmax" (flash-decoding sty
   the coefficients of D_k - ctr (or of the score term) rearranged so that none is a difference of
   nearly equal numbers: the denoiser is never formed as x + (D - x) (cancels at large sigma), nor the
   score as (D - x) / sigma^2 (cancels at small sigma). Optionally the logits are stored [B, K] for the
-  posterior weights.
+  posterior weights. With bases, each split tracks its best component and at its end recomputes that
+  logit in float64 (c_* = U_*^T (x - mu_*) from exact differences: O(B d r) per split, no memory in K); the
+  split's max becomes that exact logit and its stored logits move with it.
 
 Numerics (docs/math.md sections 3.1 and 3.2): no float32 number in a logit carries ||x - ctr||^2. The
 training-set kernel's float32 GEMM loses eps ||x - c|| ||x_i - c|| in the chunk's frame c (float64 for
-d <= EXACT_DIM), the row term ||x - c||^2 is exact; the GMM kernel's q is exact. A far query therefore
-keeps the float64 posterior, and log p the float64 value of its dominant term. The accumulators stay
-centred on ``ctr`` (the mean of the points): the score's differences mu_i - x are formed as
-(mu_i - ctr) - (x - ctr), so their cancellation is relative to the spread of the data, not to ||x||.
+d <= EXACT_DIM), the row term ||x - c||^2 is exact; the GMM kernel's q is exact and its float32 c_k
+(rounding eps ||c_k||^2 / (lam_perp + sigma^2)) reaches log p only through the non-dominant components.
+A far query therefore keeps the float64 posterior, and log p the float64 value of its dominant term. The
+accumulators stay centred on ``ctr`` (the mean of the points): the score's differences mu_i - x are formed
+as (mu_i - ctr) - (x - ctr), so their cancellation is relative to the spread of the data, not to ||x||.
 Relative quadratic forms are clamped to 1e37 (float64 ones to 1e300) and sigma^2 to [FLT_MIN, FLT_MAX], and
 the online update guards the all -inf state, so finite input never yields inf/NaN. The accumulation dtype ACC is
 float32 (any storage type of x/points; half points halve the traffic) or float64 (float64 inputs;
@@ -273,6 +276,66 @@ def _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RA
 
 
 @triton.jit
+def _gmm_mode_terms(c, lam, s2, mode_ok):
+    """Per row, over one slice of modes: (sum c^2 / v, sum log(1 + lam / s^2), sum c^2) in float64, with
+    v = lam + s^2 clamped; c [BLOCK_B, BLOCK_R], lam and mode_ok [1 | BLOCK_B, BLOCK_R], s2 [BLOCK_B]."""
+    v = tl.minimum(tl.maximum(lam + s2[:, None], VAR_MIN), VAR_MAX)
+    quad = tl.sum(tl.where(mode_ok, c * c / v, 0.0), axis=1).to(tl.float64)
+    logdet = tl.sum(tl.where(mode_ok, _log1p(tl.minimum(lam / s2[:, None], VAR_MAX)), 0.0), axis=1).to(tl.float64)
+    return quad, logdet, tl.sum(c * c, axis=1).to(tl.float64)
+
+
+@triton.jit
+def _gmm_exact_logit(x_rows, means_ptr, bases_ptr, eig_ptr, lp_ptr, lw_ptr, top, found, s2, D, R,
+                     HAS_LP: tl.constexpr, FULL_RANK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The logit of component top[b] of each row b (where found) with no float32 rounding: x - mu in float64
+    (exact for float32 numbers), q = ||x - mu||^2 and c = U^T (x - mu) summed in float64 (docs/math.md
+    section 3.2, step 5). O(d (1 + r)) per row in float64 FMAs (c is a matrix-vector product per row, so no
+    tensor cores); each row reads its own basis U_* once. Tiles are [BLOCK_B, 1024 / BLOCK_B] (4 numbers
+    per thread at 8 warps: a wider tile, or a [rows, d, modes] one, spills next to the streaming loop)."""
+    BLOCK_E: tl.constexpr = 1024 // BLOCK_B
+    top64 = top.to(tl.int64)
+    q = tl.zeros((BLOCK_B,), tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        mask = found[:, None] & (dd < D)[None, :]
+        xc = (tl.load(x_rows + dd[None, :], mask=mask, other=0.0).to(tl.float64)
+              - tl.load(means_ptr + top64[:, None] * D + dd[None, :], mask=mask, other=0.0).to(tl.float64))
+        q += tl.sum(xc * xc, axis=1)
+    quad = tl.zeros((BLOCK_B,), tl.float64)
+    logdet = tl.zeros((BLOCK_B,), tl.float64)
+    proj = tl.zeros((BLOCK_B,), tl.float64)
+    base_top = bases_ptr + top64 * D * R
+    cols = tl.arange(0, BLOCK_E)
+    for r0 in range(0, R, BLOCK_E):
+        # c of modes r0 + cols, one mode at a time per d tile: the gathered basis rows are strided by r, so
+        # the modes of a tile reuse the same cache sectors; c_i lands in column i - r0 of a tile with the
+        # layout of x - mu (no layout conversion).
+        c = tl.zeros((BLOCK_B, BLOCK_E), tl.float64)
+        for d0 in range(0, D, BLOCK_E):
+            de = d0 + cols
+            mask = found[:, None] & (de < D)[None, :]
+            xc = (tl.load(x_rows + de[None, :], mask=mask, other=0.0).to(tl.float64)
+                  - tl.load(means_ptr + top64[:, None] * D + de[None, :], mask=mask, other=0.0).to(tl.float64))
+            u_ptrs = base_top[:, None] + de.to(tl.int64)[None, :] * R
+            for i in range(r0, tl.minimum(r0 + BLOCK_E, R)):
+                c_i = tl.sum(xc * tl.load(u_ptrs + i, mask=mask, other=0.0).to(tl.float64), axis=1)
+                c += tl.where(cols[None, :] == i - r0, c_i[:, None], 0.0)
+        modes = r0 + cols
+        mode_ok = found[:, None] & (modes < R)[None, :]
+        lam = tl.load(eig_ptr + top64[:, None] * R + modes[None, :], mask=mode_ok, other=0.0).to(tl.float64)
+        quad_r, logdet_r, proj_r = _gmm_mode_terms(c, lam, s2, mode_ok)
+        quad += quad_r
+        logdet += logdet_r
+        proj += proj_r
+    if HAS_LP:
+        lam_perp = tl.load(lp_ptr + top64, mask=found, other=0.0).to(tl.float64)
+    else:
+        lam_perp = 0.0
+    return _gmm_logit(lw_ptr, top64, q, quad, logdet, proj, lam_perp, s2, D, R, FULL_RANK)
+
+
+@triton.jit
 def _gmm_partial_kernel(
     x_ptr, means_ptr, bases_ptr, eig_ptr, lp_ptr, lw_ptr, ctr_ptr, s2_ptr,
     acc_ptr, max_ptr, sum_ptr, xsum_ptr, logit_ptr, c_ptr,
@@ -290,6 +353,7 @@ def _gmm_partial_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)
+    arg_run = tl.full((BLOCK_B,), -1, tl.int32)  # the component holding m_run
     l_run = tl.zeros((BLOCK_B,), ACC)
     x_run = tl.zeros((BLOCK_B,), ACC)
     acc_base = acc_ptr + (pid_s * B).to(tl.int64) * D
@@ -340,15 +404,15 @@ def _gmm_partial_kernel(
                                  mask=d_ok[:, None] & mode_ok[None, :], other=0.0).to(ACC)
                     c += tl.dot(xc, ut, input_precision=PRECISION)
                 lam = tl.load(eig_ptr + k64 * R + modes, mask=mode_ok, other=0.0).to(ACC)
-                v = tl.minimum(tl.maximum(lam[None, :] + s2[:, None], VAR_MIN), VAR_MAX)
-                quad += tl.sum(tl.where(mode_ok[None, :], c * c / v, 0.0), axis=1).to(tl.float64)
-                logdet += tl.sum(tl.where(mode_ok[None, :], _log1p(tl.minimum(lam[None, :] / s2[:, None], VAR_MAX)),
-                                          0.0), axis=1).to(tl.float64)
-                proj += tl.sum(c * c, axis=1).to(tl.float64)
+                quad_r, logdet_r, proj_r = _gmm_mode_terms(c, lam[None, :], s2, mode_ok[None, :])
+                quad += quad_r
+                logdet += logdet_r
+                proj += proj_r
                 tl.store(c_base + rows64[:, None] * R + modes[None, :], c, mask=row_ok[:, None] & mode_ok[None, :])
         logit = _gmm_logit(lw_ptr, k, q, quad, logdet, proj, lam_perp, s2_f64, D, R, FULL_RANK)
         if STORE_LOGITS:
-            tl.store(logit_ptr + rows.to(tl.int64) * K + k, logit, mask=row_ok)
+            tl.store(logit_ptr + rows64 * K + k, logit, mask=row_ok)
+        arg_run = tl.where(logit > m_run, k, arg_run)
         m_run, alpha, shift = _online_update(m_run, logit)
         alpha = alpha.to(ACC)
         p = tl.exp(logit - shift).to(ACC)
@@ -401,6 +465,21 @@ def _gmm_partial_kernel(
             tl.store(a_ptrs, acc, mask=amask)
         # The next component reloads these acc tiles (and rewrites the scratch), possibly in other threads.
         tl.debug_barrier()
+    if HAS_BASES:
+        # The split's max becomes its dominant logit recomputed without float32 rounding (the float32 c_k
+        # leaves eps ||c_k||^2 / (lam_perp + s^2) in the streamed ones; r = 0 logits are exact already):
+        # the state's log W is then l_* + log sum_k exp(l~_k - l~_*) (docs/math.md section 3.2).
+        found = row_ok & (arg_run >= 0)
+        exact = _gmm_exact_logit(x_rows, means_ptr, bases_ptr, eig_ptr, lp_ptr, lw_ptr, tl.where(found, arg_run, 0),
+                                 found, s2_f64, D, R, HAS_LP, FULL_RANK, BLOCK_B, BLOCK_D)
+        if STORE_LOGITS:
+            # The split's stored logits move with its max, so the weights exp(logit - M) / W still sum to 1.
+            shift_by = tl.where(found, exact - m_run, 0.0)
+            tl.debug_barrier()  # the logits were stored in another thread layout
+            for k in range(k_lo, k_hi):
+                l_ptrs = logit_ptr + rows64 * K + k
+                tl.store(l_ptrs, tl.load(l_ptrs, mask=row_ok, other=0.0) + shift_by, mask=row_ok)
+        m_run = tl.where(found, exact, m_run)
     tl.store(max_ptr + pid_s * B + rows, m_run, mask=row_ok)
     tl.store(sum_ptr + pid_s * B + rows, l_run, mask=row_ok)
     tl.store(xsum_ptr + pid_s * B + rows, x_run, mask=row_ok)

@@ -138,3 +138,55 @@ def test_gmm_log_prob_in_moderate_dimension():
         want = R.gmm_log_prob(x, lw, means, None, None, lam_perp, s) + torch.logsumexp(lw, 0)
         assert (log_z - want).abs().max() < 1e-3, (sigma, (log_z - want).abs().max())
         assert rel_err(out, R.gmm_denoise(x, lw, means, None, None, lam_perp, s)) < 1e-5, sigma
+
+
+def low_rank_gmm(d, r, K, lam_perp, seed):
+    """(g, log_weights, means, bases, eigvals, lam_perp) of a float32-exact GMM with rank-r bases, eigenvalues
+    1..5 and means 3 + randn."""
+    g = gen(seed)
+    lw = torch.randn(K, generator=g, dtype=torch.float64)
+    means = 3 + torch.randn(K, d, generator=g, dtype=torch.float64)
+    bases = torch.linalg.qr(torch.randn(K, d, r, generator=g, dtype=torch.float64)).Q
+    eigvals = 1 + 4 * torch.rand(K, r, generator=g, dtype=torch.float64)
+    lp = lam_perp * (0.5 + torch.rand(K, generator=g, dtype=torch.float64))
+    return (g, *(t.float().double() for t in (lw, means, bases, eigvals, lp)))
+
+
+def test_gmm_with_bases_log_prob_and_weights_at_small_sigma():
+    """d = 32, r = 8, lam_perp ~ 1e-4, in-distribution queries: log p within 1e-3 nats from sigma 0.002 to 80
+    (the dominant logit's float32 c used to cost eps ||c||^2 / (lam_perp + s^2), ~1e-2 nats), the denoiser
+    within 1e-5 and the posterior weights within 1e-5. Component 1 duplicates component 0 in the same split
+    (3 per split), so their posterior is shared: the split's stored logits must move with its exact max."""
+    g, lw, means, bases, eigvals, lam_perp = low_rank_gmm(32, 8, 6, 1e-4, 31)
+    for t in (means, bases, eigvals, lam_perp):
+        t[1] = t[0]
+    lw[1] = lw[0] - 0.5
+    for sigma in (0.002, 0.01, 0.1, 80.0):
+        k = torch.tensor([0, 0, 1, 2, 3, 4, 5, 0])
+        z = torch.randn(8, 8, generator=g, dtype=torch.float64) * eigvals[k].sqrt()
+        x = (means[k] + torch.einsum("bdr,br->bd", bases[k], z)
+             + (lam_perp[k, None] + sigma ** 2).sqrt() * torch.randn(8, 32, generator=g, dtype=torch.float64))
+        x = x.float().double()
+        s = torch.tensor(sigma, dtype=torch.float32).double()
+        out, log_z, w = gmm(x, lw, means, sigma, lam_perp=lam_perp, bases=bases, eigvals=eigvals, splits=2)
+        want_w, want_log_z = R.gmm_posterior(x, lw, means, bases, eigvals, lam_perp, s)
+        assert (log_z - want_log_z).abs().max() < 1e-3, (sigma, (log_z - want_log_z).abs().max())
+        assert rel_err(out, R.gmm_denoise(x, lw, means, bases, eigvals, lam_perp, s)) < 1e-5, sigma
+        assert (w - want_w).abs().max() < 1e-5, (sigma, (w - want_w).abs().max())
+        if sigma < 1:
+            assert want_w[0, :2].min() > 0.3  # the shared posterior: the test can fail
+
+
+def test_far_query_gmm_with_bases():
+    """Queries 1e3 randn far from a rank-4 GMM (d = 64): the float64 posterior's argmax, and log p (~-1e9 nats,
+    returned in float64) within 1e-3 nats: the float32 c of the dominant component used to cost ~1e2 nats.
+    The reference takes the kernel's sigma^2 (float32 0.1 squared in float32): at these logits the rounding of
+    sigma^2 alone moves log p by ~1e2 nats."""
+    g, lw, means, bases, eigvals, lam_perp = low_rank_gmm(64, 4, 5, 1e-3, 32)
+    x = (1e3 * torch.randn(4, 64, generator=g, dtype=torch.float64)).float().double()
+    s = torch.tensor(0.1, dtype=torch.float32)
+    s_ref = (s * s).double().sqrt()
+    want_w, want_log_z = R.gmm_posterior(x, lw, means, bases, eigvals, lam_perp, s_ref)
+    _, log_z, w = gmm(x, lw, means, 0.1, lam_perp=lam_perp, bases=bases, eigvals=eigvals)
+    assert torch.equal(w.argmax(1), want_w.argmax(1))
+    assert (log_z - want_log_z).abs().max() < 1e-3, (log_z - want_log_z).abs().max()
