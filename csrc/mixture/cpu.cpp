@@ -431,11 +431,10 @@ double cross_rounding(const MixtureData<T>& in, const Partial<T>& st, int64_t b)
   }
 }
 
-// ||m - c||^2 - 2 (m - c).xc in float64 for a point m and frame c in T (m - c is exact in float64); kLanes
-// independent partial sums keep the additions off one dependency chain and let them vectorize.
+// ||m - c||^2 - 2 (m - c).xc in float64 for a point m and frame c in T (m - c is exact in float64), in
+// kLanes partial sums.
 template <class S, class T>
 double exact_cross_term(const S* m, const T* c, const double* xc, int64_t d) {
-  constexpr int64_t kLanes = 8;
   double part[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
