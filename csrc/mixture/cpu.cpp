@@ -217,6 +217,46 @@ struct Partial {
   std::vector<T> alpha, chunk_x, chunk_c;  // [B]; [blocks B] coefficients of x - c_k (VJP block 2: of v) and c_k - frame
 };
 
+// Partial sums in independent lanes: the additions leave one dependency chain and vectorize.
+constexpr int64_t kLanes = 16;
+
+// c = the mean of the n rows of m [n, d], in T. Summed as differences from the first row, so the rounding
+// scales with the rows' spread, not their distance from the origin (c only has to lie near the rows: it
+// is a frame, and every difference taken against it is exact in float64).
+template <class S, class T>
+void chunk_mean(const S* m, int64_t n, int64_t d, T* c) {
+  std::fill_n(c, d, T(0));
+  for (int64_t i = 1; i < n; ++i) {
+    const S* row = m + i * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) c[j] += static_cast<T>(row[j]) - static_cast<T>(m[j]);
+  }
+  const T inv_n = T(1) / static_cast<T>(n);
+  for (int64_t j = 0; j < d; ++j) c[j] = static_cast<T>(m[j]) + c[j] * inv_n;
+}
+
+// out = m - c (in T) and ||out||^2, one pass over the row.
+template <class S, class T>
+T shift_row(const S* m, const T* c, T* out, int64_t d) {
+  T part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    for (int64_t u = 0; u < kLanes; ++u) {
+      const T v = static_cast<T>(m[j + u]) - c[j + u];
+      out[j + u] = v;
+      part[u] += v * v;
+    }
+  }
+  for (; j < d; ++j) {
+    const T v = static_cast<T>(m[j]) - c[j];
+    out[j] = v;
+    part[0] += v * v;
+  }
+  T sum = 0;
+  for (const T v : part) sum += v;
+  return sum;
+}
+
 // Frame of the chunk [k0, k0 + kc): c_k = the mean of its rows, M = mu - c_k, x' = x - c_k, the cross
 // terms ||M_i||^2 - 2 x'.M_i (GEMM in T, or float64 loops for small d), c_i = U_i^T (x - mu_i) (in
 // place in xw), and the exact per-row difference dlt = ||x - c_k||^2 - ||x - ctr||^2 in float64
@@ -232,26 +272,24 @@ void chunk_frame(const MixtureData<T>& in, Partial<T>& st, int64_t k0, int64_t k
   st.chunk_means = means_c;
   st.chunk_off = m_off;
   visit_float(means_c, [&](const auto* pm) {
-    std::fill(st.ckd.begin(), st.ckd.end(), 0.0);
-    for (int64_t i = 0; i < kc; ++i) {
-      for (int64_t j = 0; j < d; ++j) st.ckd[j] += static_cast<double>(pm[m_off + i * d + j]);
-    }
+    chunk_mean(pm + m_off, kc, d, st.ck.data());
     for (int64_t j = 0; j < d; ++j) {
-      st.ck[j] = static_cast<T>(st.ckd[j] / static_cast<double>(kc));
       st.ckd[j] = static_cast<double>(st.ck[j]) - in.ctr[j];
       st.ckd_t[j] = static_cast<T>(st.ckd[j]);
     }
     for (int64_t i = 0; i < kc; ++i) {
       const auto* m_i = pm + m_off + i * d;
-      double nrm = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        M[i * d + j] = static_cast<T>(m_i[j]) - st.ck[j];
-        if (direct) {
+      if (direct) {
+        double nrm = 0;
+        for (int64_t j = 0; j < d; ++j) {
+          M[i * d + j] = static_cast<T>(m_i[j]) - st.ck[j];
           st.m_d[i * d + j] = static_cast<double>(m_i[j]) - static_cast<double>(st.ck[j]);
           nrm += st.m_d[i * d + j] * st.m_d[i * d + j];
         }
+        st.mnorm[i] = nrm;
+      } else {
+        st.mnorm[i] = static_cast<double>(shift_row(m_i, st.ck.data(), M + i * d, d));
       }
-      st.mnorm[i] = direct ? nrm : static_cast<double>(dot(M + i * d, M + i * d, d));
     }
   });
   st.m_max = std::sqrt(*std::max_element(st.mnorm.begin(), st.mnorm.begin() + kc));
@@ -393,11 +431,10 @@ double cross_rounding(const MixtureData<T>& in, const Partial<T>& st, int64_t b)
   }
 }
 
-// ||m - c||^2 - 2 (m - c).xc in float64 for a point m and frame c in T (m - c is exact in float64); kLanes
-// independent partial sums keep the additions off one dependency chain and let them vectorize.
+// ||m - c||^2 - 2 (m - c).xc in float64 for a point m and frame c in T (m - c is exact in float64), in
+// kLanes partial sums.
 template <class S, class T>
 double exact_cross_term(const S* m, const T* c, const double* xc, int64_t d) {
-  constexpr int64_t kLanes = 8;
   double part[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
