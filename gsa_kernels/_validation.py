@@ -160,9 +160,9 @@ def sigma_arg(name: str, sigma, x, *, dtype=None, like=None, allow_zero: bool = 
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     s = sigma if type(sigma) is float else _number(name, sigma)
     if s is not None:
-        dtype = dtype or compute_dtype(x, like)
         if x.is_cpu and not torch.compiler.is_compiling():
-            return _cpu_sigma(name, s, x, dtype)
+            return _cpu_sigma(name, s, x, dtype, like)
+        dtype = dtype or compute_dtype(x, like)
         check_sigma_range(name, s, dtype)
         if not x.is_cpu:
             _check_sigma_number(name, s, allow_zero)
@@ -182,11 +182,13 @@ _cpu_sigmas: dict = {}
 _CPU_SIGMAS_MAX = 64
 
 
-def _cpu_sigma(name: str, s: float, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    key = (s, x.shape[:1], dtype)
+def _cpu_sigma(name: str, s: float, x: torch.Tensor, dtype, like) -> torch.Tensor:
+    # Keyed by what decides the dtype (dtype, or x's and like's dtypes), so a hit does not resolve it.
+    key = (s, x.shape[:1], dtype or (x.dtype, getattr(like, "dtype", None)))
     entry = _cpu_sigmas.get(key)
     if entry is not None and entry[0]._version == entry[1]:
         return entry[0]
+    dtype = dtype or compute_dtype(x, like)
     check_sigma_range(name, s, dtype)
     if len(_cpu_sigmas) >= _CPU_SIGMAS_MAX:
         _cpu_sigmas.clear()
