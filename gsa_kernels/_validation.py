@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from . import config
+from ._core.dtypes import compute_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 PARAM_DTYPES = (torch.float32, torch.float64)
@@ -147,23 +148,54 @@ def _number(name: str, sigma):
     return None
 
 
-def sigma_arg(name: str, sigma, x, *, dtype, allow_zero: bool = False, check_values: bool = False):
+def sigma_arg(name: str, sigma, x, *, dtype=None, like=None, allow_zero: bool = False, check_values: bool = False):
     """A sigma argument of a raw op: a number becomes a [B] tensor on x's device; a tensor passes as it
     is. The op checks tensors itself (C++ on CPU: shape, dtype, device and values; the meta check on
     GPU: all but values), so only what it cannot see is checked here: a number's value where the op
-    runs on a GPU, and a GPU tensor's values when check_values asks for it."""
+    runs on a GPU, and a GPU tensor's values when check_values asks for it. dtype: the dtype the call
+    computes in; None: compute_dtype(x, like), found only when a number needs it."""
+    if type(sigma) is torch.Tensor and type(x) is torch.Tensor and not check_values:
+        return sigma  # the per-step case: nothing for Python to do
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    s = _number(name, sigma)
-    on_cpu = x.device.type == "cpu"
+    s = sigma if type(sigma) is float else _number(name, sigma)
     if s is not None:
+        if x.is_cpu and not torch.compiler.is_compiling():
+            return _cpu_sigma(name, s, x, dtype, like)
+        dtype = dtype or compute_dtype(x, like)
         check_sigma_range(name, s, dtype)
-        if not on_cpu:
+        if not x.is_cpu:
             _check_sigma_number(name, s, allow_zero)
         return torch.full((x.shape[0] if x.dim() else 1,), s, dtype=dtype, device=x.device)
-    if check_values and not on_cpu and sigma.numel() and values_readable(sigma):
+    if check_values and not x.is_cpu and sigma.numel() and values_readable(sigma):
         _check_sigma_values(name, sigma, allow_zero)
     return sigma
+
+
+# Sigma tensors of numbers on CPU, (value, batch, dtype) -> (tensor, its version when made): a sampler
+# passes the same few numbers again and again, and making the tensor is a third of a small call's host
+# time. An entry is used only while its version is unchanged, so a tensor written in place by anyone who
+# got hold of it (an autograd graph keeps its inputs) is replaced, never reused. CPU only: a GPU tensor
+# filled on one stream and read on another would race, and one made during CUDA-graph capture holds no
+# values until replay. The op checks the values (C++), so a bad number fails there, cached or not.
+_cpu_sigmas: dict = {}
+_CPU_SIGMAS_MAX = 64
+
+
+def _cpu_sigma(name: str, s: float, x: torch.Tensor, dtype, like) -> torch.Tensor:
+    # Keyed by what decides the dtype (dtype, or x's and like's dtypes), so a hit does not resolve it.
+    key = (s, x.shape[:1], dtype or (x.dtype, getattr(like, "dtype", None)))
+    entry = _cpu_sigmas.get(key)
+    if entry is not None and entry[0]._version == entry[1]:
+        return entry[0]
+    dtype = dtype or compute_dtype(x, like)
+    check_sigma_range(name, s, dtype)
+    if len(_cpu_sigmas) >= _CPU_SIGMAS_MAX:
+        _cpu_sigmas.clear()
+    with torch.inference_mode(False):  # a normal tensor (with a version counter) even in inference mode
+        t = torch.full(key[1] or (1,), s, dtype=dtype)
+    _cpu_sigmas[key] = (t, t._version)
+    return t
 
 
 def as_sigma(name: str, sigma, batch: int, device, *, dtype=torch.float32, allow_zero: bool = False) -> torch.Tensor:

@@ -25,17 +25,34 @@ def python_error(err: RuntimeError) -> Exception:
     return kind(message)
 
 
-def _records_graph(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+# The autograd kernel of torch.library ops decides the same way (torch/_library/autograd.py); a plain
+# loop stands in where a PyTorch build lacks the C++ helper.
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
+    lambda *args: any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_entry_points: dict = {}  # id(op) -> (op, its entry point); op is kept so that its id stays its own
+
+
+def entry_point(op):
+    """The C++ callable behind a raw op of one overload (what OpOverload.__call__ forwards to), resolved
+    once: calling it skips two Python frames per call. The op itself where that is not available."""
+    entry = _entry_points.get(id(op))
+    if entry is None:
+        overloads = op.overloads() if hasattr(op, "overloads") else ()
+        target = getattr(op, overloads[0]) if len(overloads) == 1 else op
+        entry = _entry_points[id(op)] = (op, getattr(target, "_op", target))
+    return entry[1]
 
 
 def call_op(op, *args):
     """op(*args) with its argument errors raised as TypeError / ValueError."""
     try:
-        if _records_graph(args) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
             return op(*args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
+        entry = _entry_points.get(id(op))  # entry_point(op), inlined: this runs on every call
+        call = entry[1] if entry is not None else entry_point(op)
+        with _below_autograd():
+            return call(*args)
     except RuntimeError as err:
         if type(err) is not RuntimeError:
             raise

@@ -143,6 +143,79 @@ def test_op_recorder_counts_allocations_not_views_or_in_place_ops():
     assert rec.ops == ["view", "mul_", "empty", "mul"] and rec.allocations == 2
 
 
+# The public Gaussian API on CPU at B = 1, counted the same way: one PyTorch op (the op itself; a number
+# sigma comes from the cache, not a fresh tensor) and (Python calls with a [B] tensor sigma, with number
+# sigmas). The frames: the model method, its parameter read, the ops function, sigma_arg per sigma, call_op
+# and torch.compiler.is_compiling (2); a number sigma adds is_compiling (2) and the cache look-up. Every
+# check still runs: in the C++ op on CPU, in sigma_arg for what the op cannot see.
+API_CEILINGS = {"denoise": (7, 10), "score": (7, 10), "teleport": (8, 14)}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad_mode"])
+def test_gaussian_api_per_call_host_work(grad):
+    mean, basis, eig, lp = random_gaussian(8, 8, dtype=torch.float32)
+    model = gsa_kernels.GaussianModel(mean, basis, eig, lp)
+    x = torch.randn(1, 8)
+    s_from, s_to = torch.full((1,), 2.0), torch.full((1,), 0.5)
+    calls = {
+        "denoise": (lambda: model.denoise(x, s_to), lambda: model.denoise(x, 0.5)),
+        "score": (lambda: model.score(x, s_to), lambda: model.score(x, 0.5)),
+        "teleport": (lambda: model.teleport(x, s_from, s_to), lambda: model.teleport(x, 2.0, 0.5)),
+    }
+    with torch.set_grad_enabled(grad):
+        for op, fns in calls.items():
+            for fn, ceiling in zip(fns, API_CEILINGS[op]):
+                fn()
+                counts = host_counts(fn)
+                assert counts["torch_ops"] == [op if op == "teleport" else "gaussian_" + op], (op, counts)
+                assert counts["allocations"] == 1, (op, counts)  # the output only
+                assert counts["python_calls"] <= ceiling, (op, counts)
+                assert host_counts(fn) == counts
+
+
+def test_number_sigma_tensors_are_reused_only_while_unwritten():
+    from gsa_kernels._validation import _CPU_SIGMAS_MAX, _cpu_sigmas, sigma_arg
+
+    x = torch.randn(3, 5)
+    a = sigma_arg("sigma", 0.25, x, dtype=torch.float32)
+    assert a.shape == (3,) and torch.equal(a, torch.full((3,), 0.25))
+    assert sigma_arg("sigma", 0.25, x, dtype=torch.float32) is a      # the same number: the same tensor
+    assert sigma_arg("sigma", 0.25, x, dtype=torch.float64) is not a  # another dtype, batch or value: its own
+    assert sigma_arg("sigma", 0.25, x[:2], dtype=torch.float32).shape == (2,)
+    a.mul_(4)  # written in place (e.g. by code that reached it through an autograd graph): never reused
+    b = sigma_arg("sigma", 0.25, x, dtype=torch.float32)
+    assert b is not a and torch.equal(b, torch.full((3,), 0.25))
+    with torch.inference_mode():  # made in inference mode: still a normal tensor, usable outside it
+        c = sigma_arg("sigma", 0.75, x, dtype=torch.float32)
+    assert not c.is_inference() and sigma_arg("sigma", 0.75, x, dtype=torch.float32) is c
+    for k in range(3 * _CPU_SIGMAS_MAX):
+        sigma_arg("sigma", 1.0 + k, x, dtype=torch.float32)
+    assert len(_cpu_sigmas) <= _CPU_SIGMAS_MAX
+    with pytest.raises(ValueError, match="sigma = 1e\\+39 is beyond the range"):
+        sigma_arg("sigma", 1e39, x, dtype=torch.float32)
+
+
+def test_number_and_tensor_sigma_give_the_same_result_every_call():
+    """The cached sigma tensors behind number sigmas: repeated calls, an in-place write to a cached tensor
+    in between, and a graph that keeps one as an input all give the tensor-sigma result."""
+    from gsa_kernels._validation import _cpu_sigmas
+
+    mean, basis, eig, lp = random_gaussian(12, 5, lam_perp=0.3)
+    model = gsa_kernels.GaussianModel(mean, basis, eig, lp)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    want = model.teleport(x, torch.full((4,), 1.5, dtype=torch.float64), torch.full((4,), 0.3, dtype=torch.float64))
+    for _ in range(3):
+        assert torch.equal(model.teleport(x, 1.5, 0.3), want)
+        for t, _version in list(_cpu_sigmas.values()):
+            t.fill_(7.0)
+    xg, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = model.denoise(xg, 0.4)                 # the graph keeps the cached sigma tensor ...
+    model.score(x, 0.4)                          # ... which later calls of that number share
+    out.sum().backward()
+    model.denoise(xt, torch.full((4,), 0.4, dtype=torch.float64)).sum().backward()
+    assert torch.equal(xg.grad, xt.grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scratch tensors reused between calls.
 class _CudaLike:
