@@ -336,6 +336,15 @@ def _gmm_exact_logit(x_rows, means_ptr, bases_ptr, eig_ptr, lp_ptr, lw_ptr, top,
 
 
 @triton.jit
+def _gmm_row_tile(s2_ptr, B, BLOCK_B: tl.constexpr, ACC: tl.constexpr):
+    """The GMM kernels' row tile (grid axis 0) with its sigma^2, in ACC and in float64."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
+    return rows, row_ok, s2, s2.to(tl.float64)
+
+
+@triton.jit
 def _gmm_partial_kernel(
     x_ptr, means_ptr, bases_ptr, eig_ptr, lp_ptr, lw_ptr, ctr_ptr, s2_ptr,
     acc_ptr, max_ptr, sum_ptr, xsum_ptr, logit_ptr, c_ptr,
@@ -344,12 +353,8 @@ def _gmm_partial_kernel(
     SCORE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
-    s2_f64 = s2.to(tl.float64)
+    rows, row_ok, s2, s2_f64 = _gmm_row_tile(s2_ptr, B, BLOCK_B, ACC)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     m_run = tl.full((BLOCK_B,), float("-inf"), tl.float64)

@@ -42,8 +42,8 @@ from .._core.launch import cdiv, device_guard, split_count
 from .._core.lse import merge_states
 from .triton_mixture import (AOT_PRECISIONS, VAR_MAX, VAR_MIN, WORKSPACE_ELEMENTS, _chunk_columns, _chunk_frame_slice,
                              _chunk_logits, _chunk_softmax, _delta_split_start, _exact_dominant_logit, _gmm_logit,
-                             _gmm_mode_gain, _log1p, _online_update, _PLANS, _remember, _tl_dtype, aot_delta_variants,
-                             clamped_sigma_sq, delta_plan, gmm_operands)
+                             _gmm_mode_gain, _gmm_row_tile, _log1p, _online_update, _PLANS, _remember, _tl_dtype,
+                             aot_delta_variants, clamped_sigma_sq, delta_plan, gmm_operands)
 
 
 @triton.jit
@@ -115,12 +115,8 @@ def _gmm_vjp_partial_kernel(
     HAS_BASES: tl.constexpr, HAS_LP: tl.constexpr, FULL_RANK: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    s2 = tl.load(s2_ptr + rows, mask=row_ok, other=1.0).to(ACC)
-    s2_f64 = s2.to(tl.float64)
+    rows, row_ok, s2, s2_f64 = _gmm_row_tile(s2_ptr, B, BLOCK_B, ACC)
     rows64 = rows.to(tl.int64)  # B d may exceed 2^31 elements
     v_xf = tl.zeros((BLOCK_B,), ACC)  # v.(x - F)
     for d0 in range(0, D, BLOCK_D):
